@@ -1,0 +1,118 @@
+"""The one interface every meta-learning algorithm implements.
+
+An algorithm owns its meta-parameters (the model plus anything learned alongside it, e.g. inner learning
+rates) and its outer optimizer. The trainer only calls `train_step`, `evaluate_task` and the checkpoint hooks,
+so adding an algorithm means one module here plus one `conf/algorithm/<name>.yaml`.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.base import Task
+
+
+def task_loss_fn(task_type: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return F.mse_loss if task_type == "regression" else F.cross_entropy
+
+
+def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return (logits.argmax(dim=-1) == targets).float().mean().item()
+
+
+class MetaAlgorithm(nn.Module, ABC):
+    """Meta-parameters + outer optimizer + how to adapt to one task."""
+
+    name: str = "base"
+
+    def __init__(self, model: nn.Module, cfg, task_type: str, total_iterations: int):
+        super().__init__()
+        self.cfg = cfg
+        self.task_type = task_type
+        self.total_iterations = int(total_iterations)
+        self.loss_fn = task_loss_fn(task_type)
+        self.grad_clip = None
+        self.model = model
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+
+    # ---- what each algorithm defines -------------------------------------------------------------------
+    @abstractmethod
+    def adapt(self, task: Task, steps: int, iteration: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A predictor adapted on the task's support set with `steps` inner steps.
+
+        `iteration` is the training iteration when called from meta-training (graph kept for the meta-gradient
+        where the algorithm needs it) and None at evaluation (no second-order graph).
+        """
+
+    def query_loss(self, task: Task, iteration: int) -> tuple[torch.Tensor, float]:
+        """Differentiable query loss after adaptation (the meta-objective of one task) and its accuracy."""
+        learner = self.adapt(task, int(self.cfg.inner_steps), iteration)
+        predictions = learner(task.query_x)
+        return self.loss_fn(predictions, task.query_y), self.metric(predictions, task.query_y)
+
+    # ---- shared machinery ------------------------------------------------------------------------------
+    def build_optimizer(self) -> None:
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=float(self.cfg.outer_lr))
+
+    def metric(self, predictions: torch.Tensor, targets: torch.Tensor) -> float:
+        return float("nan") if self.task_type == "regression" else accuracy(predictions, targets)
+
+    def train_step(self, tasks: list[Task], iteration: int) -> dict[str, float]:
+        """One meta-update on a meta-batch. A non-finite loss or gradient leaves the parameters unchanged."""
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, accs = [], []
+        for task in tasks:
+            loss, acc = self.query_loss(task, iteration)
+            (loss / len(tasks)).backward()
+            losses.append(loss.item())
+            accs.append(acc)
+        return self.finish_step(sum(losses) / len(losses), sum(accs) / len(accs), iteration)
+
+    def finish_step(self, loss: float, acc: float, iteration: int) -> dict[str, float]:
+        max_norm = float(self.grad_clip) if self.grad_clip else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            [p for p in self.parameters() if p.grad is not None], max_norm))
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.after_step(iteration)
+        return {"loss": loss, "acc": acc, "grad_norm": grad_norm, "finite": float(finite), **self.extra_scalars()}
+
+    def after_step(self, iteration: int) -> None:
+        """Schedules (learning rates, annealing) advance here, once per meta-iteration."""
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def extra_scalars(self) -> dict[str, float]:
+        """Extra per-step scalars for TensorBoard (e.g. learned learning rates)."""
+        return {}
+
+    def evaluate_task(self, task: Task, steps: int) -> tuple[float, float]:
+        """Query loss and accuracy after adapting with `steps` inner steps (no meta-gradient)."""
+        learner = self.adapt(task, steps, None)
+        with torch.no_grad():
+            predictions = learner(task.query_x)
+            return self.loss_fn(predictions, task.query_y).item(), self.metric(predictions, task.query_y)
+
+    # ---- checkpoint hooks ------------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        return {
+            "parameters": self.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+        }
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.load_state_dict(state["parameters"])
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,57 @@
+"""Test-time evaluation: adapt to each held-out task, report mean and 95 % confidence interval."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .algorithms.base import MetaAlgorithm
+from .data.base import Task
+
+
+def mean_ci95(values) -> tuple[float, float]:
+    """Mean and normal-approximation 95 % CI half-width (1.96 * std / sqrt(n)), as in Finn et al. 2017."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return float("nan"), float("nan")
+    std = values.std(ddof=1) if values.size > 1 else 0.0
+    return float(values.mean()), float(1.96 * std / math.sqrt(values.size))
+
+
+@dataclass
+class EvalResult:
+    losses: np.ndarray
+    accuracies: np.ndarray
+
+    @property
+    def n_tasks(self) -> int:
+        return int(self.losses.size)
+
+    @property
+    def loss(self) -> tuple[float, float]:
+        return mean_ci95(self.losses)
+
+    @property
+    def accuracy(self) -> tuple[float, float]:
+        return mean_ci95(self.accuracies)
+
+    def summary(self, prefix: str) -> dict[str, float]:
+        (loss, loss_ci), (acc, acc_ci) = self.loss, self.accuracy
+        return {f"{prefix}_loss": loss, f"{prefix}_loss_ci95": loss_ci,
+                f"{prefix}_accuracy": acc, f"{prefix}_accuracy_ci95": acc_ci}
+
+
+def evaluate(algorithm: MetaAlgorithm, tasks: list[Task], inner_steps: int, device) -> EvalResult:
+    """Per-task query loss / accuracy after `inner_steps` adaptation steps on each task's support set."""
+    was_training = algorithm.training
+    algorithm.eval()
+    losses, accs = [], []
+    try:
+        for task in tasks:
+            loss, acc = algorithm.evaluate_task(task.to(device), inner_steps)
+            losses.append(loss)
+            accs.append(acc)
+    finally:
+        algorithm.train(was_training)
+    return EvalResult(np.asarray(losses), np.asarray(accs))

@@ -1,0 +1,43 @@
+"""Device choice, threads, seeding and determinism."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def select_device(hardware_cfg) -> torch.device:
+    requested = str(hardware_cfg.device)
+    if requested not in DEVICES and not requested.startswith("cuda:"):
+        raise UserError(f"hardware.device={requested!r} is not allowed; use one of {', '.join(DEVICES)}")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"hardware.device={requested} was requested but no CUDA device is available; "
+                        f"use hardware=cpu or hardware=auto")
+    return torch.device(requested)
+
+
+def configure(hardware_cfg, seed: int) -> torch.device:
+    device = select_device(hardware_cfg)
+    threads = hardware_cfg.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    if hardware_cfg.get("deterministic", False):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    seed_everything(seed)
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,232 @@
+"""The one training loop: meta-train, validate on fixed tasks, checkpoint best/last, resume, then test."""
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import signal
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from . import config as config_checks
+from .algorithms import build_algorithm
+from .algorithms.base import MetaAlgorithm
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .data import build_sources
+from .data.base import EpisodeSource
+from .errors import CheckpointError, UserError
+from .evaluate import evaluate
+from .hardware import configure
+from .io import write_csv
+from .models import build_model
+
+log = logging.getLogger(__name__)
+
+METRICS_COLUMNS = ["iteration", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_loss_ci95",
+                   "val_accuracy_ci95", "grad_norm", "elapsed_seconds"]
+RESULT_COLUMNS = [*config_checks.RESULT_KEYS, "metric", "mean", "ci95", "test_loss", "test_loss_ci95",
+                  "test_accuracy", "test_accuracy_ci95", "n_tasks", "checkpoint", "iterations_done",
+                  "train_seconds", "seconds_per_iteration", "peak_memory_mb", "device"]
+
+
+class StopRequested(Exception):
+    """SIGINT/SIGTERM arrived; `last.pt` has been written."""
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, run_dir: Path, algorithm: MetaAlgorithm,
+                 sources: dict[str, EpisodeSource], device: torch.device):
+        self.cfg, self.run_dir, self.algorithm, self.sources, self.device = cfg, Path(run_dir), algorithm, sources, device
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.iteration = 0
+        self.best_val_loss = math.inf
+        self.metrics_rows: list[dict] = []
+        self.train_seconds = 0.0
+        self._stop_signal: int | None = None
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"algorithm": self.algorithm.checkpoint_state(), "iteration": self.iteration,
+                "best_val_loss": self.best_val_loss, "metrics_rows": self.metrics_rows,
+                "train_seconds": self.train_seconds, "rng": rng_state(),
+                "config": OmegaConf.to_container(self.cfg, resolve=True)}
+
+    def save(self, name: str) -> Path:
+        return save_checkpoint(self.checkpoint_dir / name, self.state())
+
+    def resume(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        try:
+            self.algorithm.load_checkpoint_state(state["algorithm"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint '{path}' does not fit this config (algorithm/model/dataset differ): "
+                                  f"{str(exc).splitlines()[0]}") from None
+        self.iteration = int(state["iteration"])
+        self.best_val_loss = float(state["best_val_loss"])
+        self.metrics_rows = list(state["metrics_rows"])
+        self.train_seconds = float(state["train_seconds"])
+        set_rng_state(state["rng"])
+        write_csv(self.run_dir / "metrics.csv", self.metrics_rows, METRICS_COLUMNS)
+        log.info("resumed from %s at iteration %d (best val loss %.4f)", path, self.iteration, self.best_val_loss)
+
+    # ---- loop --------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def fit(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        cfg = self.cfg.train
+        total, interval = int(cfg.iterations), int(cfg.val_interval)
+        val_tasks = [t.to(self.device) for t in
+                     self.sources["validation"].fixed_tasks(int(cfg.val_tasks), int(self.cfg.eval.seed) + 1)]
+        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.iteration + 1 if self.iteration else None)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        batch = int(cfg.meta_batch_size)
+        progress = tqdm(total=total, initial=self.iteration, desc=f"{self.algorithm.name}", unit="it",
+                        dynamic_ncols=True, mininterval=1.0, disable=None)
+        running = {"loss": 0.0, "acc": 0.0, "grad_norm": 0.0, "n": 0}
+        try:
+            while self.iteration < total:
+                started = time.perf_counter()
+                tasks = [self.sources["train"].sample().to(self.device) for _ in range(batch)]
+                stats = self.algorithm.train_step(tasks, self.iteration)
+                self.train_seconds += time.perf_counter() - started
+                if not stats["finite"]:
+                    self._non_finite(stats)
+                    self.iteration += 1
+                    progress.update(1)
+                    continue
+                self.iteration += 1
+                for key in ("loss", "acc", "grad_norm"):
+                    running[key] += stats[key]
+                running["n"] += 1
+                if self.iteration % int(cfg.log_interval) == 0:
+                    for key, value in stats.items():
+                        if key != "finite" and math.isfinite(value):
+                            writer.add_scalar(f"train/{key}", value, self.iteration)
+                    writer.add_scalar("train/seconds_per_iteration", self.train_seconds / self.iteration, self.iteration)
+                progress.update(1)
+                progress.set_postfix(loss=f"{stats['loss']:.4f}", best_val=f"{self.best_val_loss:.4f}", refresh=False)
+                if self.iteration % interval == 0 or self.iteration == total:
+                    self._validate(val_tasks, running, writer)
+                    running = {"loss": 0.0, "acc": 0.0, "grad_norm": 0.0, "n": 0}
+                if self._stop_signal is not None:
+                    self.save("last.pt")
+                    raise StopRequested(
+                        f"stopped by signal {signal.Signals(self._stop_signal).name} at iteration {self.iteration}; "
+                        f"saved {self.checkpoint_dir / 'last.pt'}. Resume with: maml-run <same overrides> "
+                        f"train.resume={self.run_dir}")
+        finally:
+            progress.close()
+            writer.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _non_finite(self, stats) -> None:
+        last = self.checkpoint_dir / "last.pt"
+        where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint written yet"
+        message = (f"non-finite training loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}) at iteration "
+                   f"{self.iteration + 1}; {where}. Lower algorithm.outer_lr/inner_lr, set train.grad_clip, "
+                   f"or train.nan_policy=skip")
+        if self.cfg.train.nan_policy == "stop":
+            raise UserError(message)
+        log.warning("skipped batch: %s", message)
+
+    def _validate(self, val_tasks, running, writer) -> None:
+        result = evaluate(self.algorithm, val_tasks, int(self.cfg.eval.inner_steps), self.device)
+        (val_loss, val_loss_ci), (val_acc, val_acc_ci) = result.loss, result.accuracy
+        n = max(running["n"], 1)
+        row = {"iteration": self.iteration, "train_loss": running["loss"] / n, "train_accuracy": running["acc"] / n,
+               "val_loss": val_loss, "val_accuracy": val_acc, "val_loss_ci95": val_loss_ci,
+               "val_accuracy_ci95": val_acc_ci, "grad_norm": running["grad_norm"] / n,
+               "elapsed_seconds": round(self.train_seconds, 3)}
+        self.metrics_rows.append(row)
+        write_csv(self.run_dir / "metrics.csv", self.metrics_rows, METRICS_COLUMNS)
+        for key in ("val_loss", "val_accuracy"):
+            if math.isfinite(row[key]):
+                writer.add_scalar(f"val/{key[4:]}", row[key], self.iteration)
+        writer.flush()
+        improved = val_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss = val_loss
+            self.save("best.pt")
+        self.save("last.pt")
+        accuracy = "" if math.isnan(val_acc) else f" acc {100 * val_acc:.2f}%"
+        log.info("iter %d: train loss %.4f | val loss %.4f%s%s | %.1fs", self.iteration, row["train_loss"], val_loss,
+                 accuracy, " (best)" if improved else "", self.train_seconds)
+
+    # ---- test --------------------------------------------------------------------------------------
+    def test(self, which: str | None = None) -> dict:
+        which = which or str(self.cfg.eval.checkpoint)
+        path = self.checkpoint_dir / f"{which}.pt"
+        state = load_checkpoint(path, map_location=self.device)
+        self.algorithm.load_checkpoint_state(state["algorithm"])
+        tasks = self.sources["test"].iter_fixed_tasks(int(self.cfg.eval.num_tasks), int(self.cfg.eval.seed))
+        result = evaluate(self.algorithm, tasks, int(self.cfg.eval.inner_steps), self.device)
+        regression = self.algorithm.task_type == "regression"
+        metric = "mse" if regression else "accuracy"
+        mean, ci = result.loss if regression else result.accuracy
+        done = max(self.iteration, 1)
+        row = {**config_checks.flat_config(self.cfg, config_checks.RESULT_KEYS), "metric": metric, "mean": mean,
+               "ci95": ci, **result.summary("test"), "n_tasks": result.n_tasks, "checkpoint": which,
+               "iterations_done": self.iteration, "train_seconds": round(self.train_seconds, 3),
+               "seconds_per_iteration": self.train_seconds / done, "peak_memory_mb": round(peak_memory_mb(self.device), 1),
+               "device": str(self.device)}
+        write_csv(self.run_dir / "results.csv", [row], RESULT_COLUMNS)
+        return row
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The `last.pt` to continue from: train.resume=true (this run dir) or a path to an earlier run dir."""
+    resume = cfg.train.get("resume", False)
+    if resume in (False, None, "false", "False"):
+        return None
+    source = run_dir if resume in (True, "true", "True") else Path(str(resume))
+    last = source / "checkpoints" / "last.pt" if source.is_dir() or not source.suffix else source
+    if not last.exists():
+        raise UserError(f"train.resume={resume}: no checkpoint at '{last}'; point train.resume at a run directory "
+                        f"that has checkpoints/last.pt")
+    return last
+
+
+def build(cfg: DictConfig, run_dir: Path) -> Trainer:
+    config_checks.validate(cfg)
+    device = configure(cfg.hardware, int(cfg.seed))
+    sources = build_sources(cfg.dataset)
+    if hasattr(sources["train"], "write_split"):
+        sources["train"].write_split(run_dir / "omniglot_split.json")
+    model = build_model(cfg.model, cfg.dataset).to(device)
+    algorithm = build_algorithm(model, cfg.algorithm, sources["train"].task_type, int(cfg.train.iterations),
+                                grad_clip=cfg.train.get("grad_clip")).to(device)
+    return Trainer(cfg, run_dir, algorithm, sources, device)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train (or resume), then test on held-out tasks. Returns the results row."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = build(cfg, run_dir)
+    checkpoint = resume_checkpoint(cfg, run_dir)
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+        if checkpoint.parent.parent != run_dir:  # continue writing into the resumed run's directory
+            trainer.run_dir, trainer.checkpoint_dir = checkpoint.parent.parent, checkpoint.parent
+    trainer.fit()
+    row = trainer.test()
+    unit = "MSE" if row["metric"] == "mse" else "accuracy"
+    scale = 1 if row["metric"] == "mse" else 100
+    log.info("test %s after %d eval steps on %d tasks: %.4g ± %.2g (95%% CI) | %.3f s/iter | results: %s",
+             unit, int(cfg.eval.inner_steps), row["n_tasks"], scale * row["mean"], scale * row["ci95"],
+             row["seconds_per_iteration"], trainer.run_dir / "results.csv")
+    return row
