@@ -33,7 +33,7 @@ if ! "$VENV/bin/python" -c "import learn2learn" 2>/dev/null; then
   src="$build/learn2learn-$L2L_VERSION"
   # gsutil and qpth serve dataset downloads and MetaOptNet only; they pull in a large cloud SDK.
   sed -i "/'gsutil',/d; /'qpth>=0.0.15',/d" "$src/setup.py"
-  (cd "$src" && "$root/$VENV/bin/cython" -3 -q learn2learn/data/*.pyx)
+  (cd "$src" && "$root/$VENV/bin/cython" -3 learn2learn/data/*.pyx >/dev/null)
   $PIP install -q --no-build-isolation --no-deps "$src"
   rm -rf "$build"
 fi

@@ -1,0 +1,25 @@
+"""Shared test helpers: compose configs the way `maml-run` does, and keep torch to one thread."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = str(REPO / "conf")
+
+torch.set_num_threads(1)
+
+
+def compose_config(overrides=()):
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture
+def tiny_sinusoid_cfg():
+    """A sinusoid run that trains in about a second."""
+    return compose_config(["train.iterations=20", "train.val_interval=10", "train.val_tasks=8",
+                           "train.meta_batch_size=4", "eval.num_tasks=16", "hardware=cpu", "hardware.threads=1"])
