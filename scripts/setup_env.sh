@@ -15,7 +15,7 @@ L2L_VERSION=0.2.0
 stamp_inputs() { cat pyproject.toml scripts/setup_env.sh; echo "$TORCH_SPEC $TORCHVISION_SPEC $L2L_VERSION"; }
 want=$(stamp_inputs | sha256sum | cut -d' ' -f1)
 if [ -f "$VENV/.setup-stamp" ] && [ "$(cat "$VENV/.setup-stamp")" = "$want" ] \
-   && "$VENV/bin/python" -c "import learn2learn, maml_runner" 2>/dev/null; then
+   && "$VENV/bin/python" -c "import maml_runner, learn2learn" 2>/dev/null; then
   exit 0
 fi
 
@@ -39,6 +39,6 @@ if ! "$VENV/bin/python" -c "import learn2learn" 2>/dev/null; then
 fi
 
 $PIP install -q -e ".[dev,sweeps]"
-"$VENV/bin/python" -c "import learn2learn, torch, hydra, maml_runner; from learn2learn.data import MetaDataset, TaskDataset"
+"$VENV/bin/python" -c "import maml_runner, learn2learn, torch, hydra; from learn2learn.data import MetaDataset, TaskDataset"
 echo "$want" > "$VENV/.setup-stamp"
 echo "setup: .venv ready (torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))"
