@@ -1,18 +1,36 @@
-"""Checkpoints: everything needed to continue a run exactly, written atomically, validated on load."""
+"""Checkpoints: everything needed to continue a run exactly, written atomically, validated on load.
+
+Resume (`train.resume`):
+  * `true`: continue `<run dir>/checkpoints/last.pt` of this run's directory (`hydra.run.dir=<dir>`); if it has
+    none, the newest sibling run (for the default layout: the newest run under `outputs/<name>/`) whose
+    `last.pt` was written with the same config (ignoring `RESUME_IGNORED_KEYS`); if there is none either, the run
+    starts from scratch with a warning (so a resumed sweep starts the jobs that never wrote a checkpoint).
+  * a run directory or a `.pt` file: continue exactly that checkpoint (an error if it is missing); config
+    differences are allowed (e.g. more `train.iterations`) and logged.
+The resumed run keeps writing into the directory of the checkpoint it continues.
+"""
 from __future__ import annotations
 
 import io
+import logging
+import math
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UserError
 from .io import atomic_write
+
+log = logging.getLogger(__name__)
 
 FORMAT = "maml-runner-checkpoint"
 VERSION = 1
+LAST, BEST = "last.pt", "best.pt"
+# Keys that may differ between a run and its resumption without changing a single number it computes.
+RESUME_IGNORED_KEYS = ("train.resume", "hardware.threads", "dataset.root", "dataset.cache_dir", "dataset.download")
 
 
 def rng_state() -> dict:
@@ -47,5 +65,83 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated ({type(exc).__name__}); "
                               f"delete it or resume from another run") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"'{path}' is not a maml-runner checkpoint (expected format {FORMAT!r})")
+        raise CheckpointError(f"'{path}' is not a maml-runner checkpoint (expected format {FORMAT!r}); "
+                              f"point train.resume at a run directory written by maml-run")
+    if payload.get("version", 0) > VERSION:
+        raise CheckpointError(f"checkpoint '{path}' has format version {payload['version']}, newer than this "
+                              f"maml-runner reads ({VERSION}); upgrade maml-runner")
     return payload
+
+
+def best_val_loss_on_disk(checkpoint_dir: Path) -> float:
+    """The validation loss `best.pt` holds (inf if there is none or it cannot be read: it will be replaced)."""
+    try:
+        return float(load_checkpoint(Path(checkpoint_dir) / BEST)["best_val_loss"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return math.inf
+
+
+# ---- resume ---------------------------------------------------------------------------------------------
+def _flat(container, prefix="") -> dict:
+    if not isinstance(container, dict):
+        return {prefix[:-1]: container}
+    flat = {}
+    for key, value in container.items():
+        flat.update(_flat(value, f"{prefix}{key}."))
+    return flat
+
+
+def config_differences(saved: dict, cfg: DictConfig) -> list[str]:
+    """`key: saved -> current` for every config key that differs (ignoring `RESUME_IGNORED_KEYS`)."""
+    old, new = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
+    ignored = lambda key: any(key == k or key.startswith(k + ".") for k in RESUME_IGNORED_KEYS)  # noqa: E731
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            if not ignored(key) and old.get(key) != new.get(key)]
+
+
+def _resume_flag(value) -> bool | None:
+    """True/False for boolean spellings of train.resume, None for a path."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if str(value).lower() in ("true", "false", "yes", "no", ""):
+        return str(value).lower() in ("true", "yes")
+    return None
+
+
+def _same_config_checkpoint(run_dir: Path, cfg: DictConfig) -> Path | None:
+    last = run_dir / "checkpoints" / LAST
+    try:
+        return last if last.is_file() and not config_differences(load_checkpoint(last)["config"], cfg) else None
+    except (CheckpointError, KeyError):
+        return None
+
+
+def find_resume_checkpoint(cfg: DictConfig, run_dir: str | Path) -> Path | None:
+    """The checkpoint `train.resume` asks to continue (see the module docstring), or None to start fresh."""
+    run_dir = Path(run_dir)
+    resume = cfg.train.get("resume", False)
+    flag = _resume_flag(resume)
+    if flag is False:
+        return None
+    if flag is None:  # an explicit run directory or checkpoint file
+        source = Path(str(resume)).expanduser()
+        last = source / "checkpoints" / LAST if source.is_dir() else source
+        if not last.is_file():
+            raise UserError(f"train.resume={resume}: no checkpoint at '{last}'; use train.resume=true or a run "
+                            f"directory that has checkpoints/{LAST}")
+        return last
+    if (run_dir / "checkpoints" / LAST).is_file():
+        return run_dir / "checkpoints" / LAST
+    siblings = sorted((p for p in run_dir.parent.glob(f"*/checkpoints/{LAST}") if p.parent.parent != run_dir),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+    for last in siblings:
+        if _same_config_checkpoint(last.parent.parent, cfg):
+            return last
+    log.warning("train.resume=true: no checkpoints/%s in %s nor in a run with the same config under %s; "
+                "starting from scratch", LAST, run_dir, run_dir.parent)
+    return None
+
+
+def checkpoint_run_dir(checkpoint: Path, default: Path) -> Path:
+    """The run directory a checkpoint belongs to (`<run>/checkpoints/x.pt`), else `default`."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else Path(default)

@@ -1,38 +1,138 @@
-"""`maml-run`: thin Hydra entry point. Bad input ends with one line on stderr and exit code 2."""
+"""`maml-run`: thin Hydra entry point. Bad input ends with one line on stderr and exit code 2.
+
+Hydra prints its own errors (unknown config key or group option, override syntax, an output directory it cannot
+create) as several lines or a stack trace. `main` asks Hydra to re-raise them instead (its documented
+`HYDRA_FULL_ERROR` switch) and prints one line per error. Set HYDRA_FULL_ERROR=1 yourself to see full traces.
+"""
 from __future__ import annotations
 
+import difflib
 import logging
+import os
+import shlex
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError
 
 log = logging.getLogger("maml_runner")
 CONFIG_PATH = str(Path(__file__).resolve().parent.parent / "conf")
+PROG = "maml-run"
+EXIT_USAGE = 2
+
+_task_started = False  # False while Hydra itself is still composing the config / creating the run directory
+_single_run_failure: BaseException | None = None  # a single run's error, reported by `main` without Hydra's banner
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def _main(cfg: DictConfig) -> float | None:
+    global _task_started, _single_run_failure
+    _task_started = True
     from .train import StopRequested, run
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        row = run(cfg, run_dir)
-    except UserError as exc:
-        print(f"maml-run: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except StopRequested as exc:
-        print(f"maml-run: {exc}", file=sys.stderr)
-        sys.exit(130)
+        row = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except (UserError, StopRequested) as exc:
+        if isinstance(exc, StopRequested):
+            exc.args = (f"{exc}; resume with: {resume_command(Path(exc.run_dir))}",)
+        if _is_multirun():  # Hydra names the failed job, then `main` prints the one line
+            raise
+        _single_run_failure = exc
+        return None
     return float(row["mean"])  # the sweep objective
 
 
+def _is_multirun() -> bool:
+    return str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+
+
+def resume_command(run_dir: Path) -> str:
+    """This command line with the override that continues the stopped run (or sweep)."""
+    hydra_cfg = HydraConfig.get()
+    multirun = _is_multirun()
+    replaced = ("train.resume=", "hydra.sweep.dir=") if multirun else ("train.resume=", "hydra.run.dir=")
+    kept = [arg for arg in sys.argv[1:] if not arg.lstrip("+~").startswith(replaced)]
+    extra = (["train.resume=true", f"hydra.sweep.dir={hydra_cfg.sweep.dir}"] if multirun
+             else [f"train.resume={run_dir}"])
+    return " ".join(shlex.quote(arg) for arg in [PROG, *kept, *extra])
+
+
+def _known_keys() -> list[str]:
+    """Dotted keys of the config with this command line's group choices (for 'did you mean'); [] on failure."""
+    from hydra import compose, initialize_config_dir
+
+    def flatten(node, prefix=""):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield prefix[:-1]
+    groups = [arg for arg in sys.argv[1:] if "=" in arg and "." not in arg.split("=")[0] and arg[0].isalpha()]
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=CONFIG_PATH):
+            return list(flatten(OmegaConf.to_container(compose(config_name="config", overrides=groups))))
+    except Exception:  # a suggestion is a nicety; never let it hide the real error
+        return []
+
+
+def hydra_error_line(exc: HydraException) -> str:
+    """One line for Hydra's multi-line config errors: what is wrong, what is allowed."""
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and exc.options is not None:
+        group, _, option = str(exc.missing_cfg_file).rpartition("/")
+        if group:
+            return f"{group}={option} is not an option; choose one of: {', '.join(exc.options)}"
+    lines = [line.strip() for line in str(exc).split("Config search path:")[0].splitlines() if line.strip()]
+    if isinstance(exc, OverrideParseException):
+        return f"cannot parse override '{exc.override}': {lines[0]} ({lines[-1][0].lower() + lines[-1][1:]})"
+    cause = exc.__cause__
+    key = getattr(cause, "full_key", None)
+    if key and "not in struct" in str(cause):
+        close = difflib.get_close_matches(key, _known_keys(), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        return f"{key} is not a config key; {hint}(maml-run --help lists them; +{key}=... adds a new key)"
+    if cause is not None and str(cause).strip():
+        lines.append(str(cause).strip().splitlines()[0])
+    return "; ".join(lines)
+
+
+def error_line(exc: BaseException) -> tuple[str, int]:
+    """The line to print for an error that ends the program, and the exit code."""
+    train = sys.modules.get(f"{__package__}.train")  # not imported yet: no StopRequested (and no torch import)
+    if train is not None and isinstance(exc, train.StopRequested):
+        return f"{PROG}: {exc}", 128 + int(exc.signum)
+    if isinstance(exc, KeyboardInterrupt):
+        return f"{PROG}: interrupted; files written so far are complete (atomic writes)", 130
+    if isinstance(exc, UserError):
+        return f"{PROG}: error: {exc}", EXIT_USAGE
+    if isinstance(exc, HydraException):
+        return f"{PROG}: error: {hydra_error_line(exc)}", EXIT_USAGE
+    if isinstance(exc, OSError):
+        where = f"'{exc.filename}': " if exc.filename else ""
+        if not _task_started:  # Hydra creating the run directory and its .hydra/ files
+            return (f"{PROG}: error: cannot create the output directory {where}{exc.strerror or exc}; set "
+                    f"hydra.run.dir=<writable dir> (hydra.sweep.dir with -m)", EXIT_USAGE)
+        return f"{PROG}: error: {where}{exc.strerror or exc}", 1
+    raise exc
+
+
 def main() -> None:
-    _main()
+    user_wants_traces = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
+    try:
+        _main()
+        if _single_run_failure is not None:
+            raise _single_run_failure
+    except (Exception, KeyboardInterrupt) as exc:
+        if user_wants_traces:
+            raise
+        message, code = error_line(exc)
+        print(message, file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

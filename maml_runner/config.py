@@ -1,58 +1,81 @@
 """Checks on the composed config: one clear line per bad key, before any work starts."""
 from __future__ import annotations
 
+import math
+
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError
 
+_UNSET = object()
+
+# key -> what is allowed. Keys absent from the composed config (e.g. an algorithm without inner_lr) are not checked;
+# keys present must hold a valid value (null included only where the description allows it).
 POSITIVE_INTS = ["train.iterations", "train.meta_batch_size", "train.val_interval", "train.val_tasks",
-                 "eval.num_tasks", "eval.meta_batch_size", "dataset.shots", "dataset.query_shots", "dataset.ways"]
-NON_NEGATIVE_INTS = ["algorithm.inner_steps", "eval.inner_steps"]
+                 "train.log_interval", "eval.num_tasks", "eval.meta_batch_size", "algorithm.inner_steps",
+                 "eval.inner_steps", "dataset.shots", "dataset.query_shots", "dataset.ways"]
+NON_NEGATIVE_INTS = ["seed", "eval.seed"]
 POSITIVE_FLOATS = ["algorithm.inner_lr", "algorithm.outer_lr"]
+OPTIONAL_POSITIVE_INTS = ["hardware.threads"]
+OPTIONAL_POSITIVE_FLOATS = ["train.grad_clip"]
+BOOLS = ["algorithm.first_order", "hardware.deterministic"]
 CHOICES = {"train.nan_policy": ("stop", "skip"), "eval.checkpoint": ("best", "last"),
            "hardware.vectorize": ("auto", "on", "off")}
 
 
-def _get(cfg: DictConfig, key: str):
-    return OmegaConf.select(cfg, key, default=None)
+def _get(cfg: DictConfig, key: str, default=None):
+    return OmegaConf.select(cfg, key, default=default)
 
 
-def _as_number(cfg, key, kind):
-    value = _get(cfg, key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        try:
-            value = kind(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{key}={value!r} is not a number; expected {'an integer' if kind is int else 'a number'}") from None
-    if kind is int and float(value) != int(value):
-        raise UserError(f"{key}={value!r} must be an integer")
-    return kind(value)
+def _shown(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _number(key: str, value, kind, allowed: str):
+    """`value` as int/float, or a UserError saying what is allowed (bools and non-numbers are rejected)."""
+    bad = UserError(f"{key}={_shown(value)} is invalid: expected {allowed}")
+    if isinstance(value, (bool, str)):  # the runner does arithmetic with these; a quoted "5" is a type error
+        raise bad
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise bad from None
+    if not math.isfinite(number) or (kind is int and number != int(number)):
+        raise bad
+    return kind(number)
+
+
+def _check_numbers(cfg, keys, kind, allowed: str, is_allowed, optional: bool) -> None:
+    for key in keys:
+        value = _get(cfg, key, _UNSET)
+        if value is _UNSET or (optional and value is None):
+            continue
+        if not is_allowed(_number(key, value, kind, allowed)):
+            raise UserError(f"{key}={_shown(value)} is invalid: expected {allowed}")
 
 
 def validate(cfg: DictConfig) -> None:
-    for key in POSITIVE_INTS:
-        value = _as_number(cfg, key, int)
-        if value is not None and value <= 0:
-            raise UserError(f"{key}={value} must be a positive integer")
-    for key in NON_NEGATIVE_INTS:
-        value = _as_number(cfg, key, int)
-        if value is not None and value < 0:
-            raise UserError(f"{key}={value} must be an integer >= 0")
-    for key in POSITIVE_FLOATS:
-        value = _as_number(cfg, key, float)
-        if value is not None and not value > 0:
-            raise UserError(f"{key}={value} must be a positive number")
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except Exception as exc:  # an interpolation that does not resolve (${oc.env:...}, a typo in ${...})
+        raise UserError(f"the config does not resolve: {str(exc).strip().splitlines()[0]}") from None
+    positive, non_negative = (lambda x: x > 0), (lambda x: x >= 0)
+    _check_numbers(cfg, POSITIVE_INTS, int, "a positive integer (>= 1)", positive, optional=False)
+    _check_numbers(cfg, NON_NEGATIVE_INTS, int, "an integer >= 0", non_negative, optional=False)
+    _check_numbers(cfg, POSITIVE_FLOATS, float, "a positive number (> 0)", positive, optional=False)
+    _check_numbers(cfg, OPTIONAL_POSITIVE_INTS, int, "a positive integer or null", positive, optional=True)
+    _check_numbers(cfg, OPTIONAL_POSITIVE_FLOATS, float, "a positive number or null (off)", positive, optional=True)
+    for key in BOOLS:
+        value = _get(cfg, key, _UNSET)
+        if value is not _UNSET and not isinstance(value, bool):
+            raise UserError(f"{key}={_shown(value)} is invalid: expected true or false")
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value is not None and str(value) not in allowed:
-            raise UserError(f"{key}={value!r} is not allowed; use one of {', '.join(allowed)}")
-    if not isinstance(_get(cfg, "algorithm.first_order"), (bool, type(None))):
-        raise UserError(f"algorithm.first_order={_get(cfg, 'algorithm.first_order')!r} must be true or false")
-    clip = _get(cfg, "train.grad_clip")
-    if clip is not None and _as_number(cfg, "train.grad_clip", float) <= 0:
-        raise UserError(f"train.grad_clip={clip} must be a positive number or null")
+            raise UserError(f"{key}={_shown(value)} is invalid: expected one of {', '.join(allowed)}")
+    if _get(cfg, "dataset.kind") == "sinusoid" and _get(cfg, "dataset.ways") != 1:
+        raise UserError(f"dataset.ways={_shown(_get(cfg, 'dataset.ways'))} is invalid for sinusoid regression: "
+                        f"expected 1")
 
 
 def flat_config(cfg: DictConfig, keys) -> dict:

@@ -21,7 +21,14 @@ def select_device(hardware_cfg) -> torch.device:
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"hardware.device={requested} was requested but no CUDA device is available; "
                         f"use hardware=cpu or hardware=auto")
-    return torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:  # "cuda:x"
+        raise UserError(f"hardware.device={requested!r} is not allowed; use cuda or cuda:<index>") from None
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"hardware.device={requested}: there are only {torch.cuda.device_count()} CUDA device(s); "
+                        f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def configure(hardware_cfg, seed: int) -> torch.device:
@@ -33,6 +40,7 @@ def configure(hardware_cfg, seed: int) -> torch.device:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
     seed_everything(seed)
     return device
 

@@ -5,6 +5,7 @@ import logging
 import math
 import resource
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -15,13 +16,14 @@ from tqdm import tqdm
 from . import config as config_checks
 from .algorithms import build_algorithm
 from .algorithms.base import MetaAlgorithm
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (LAST, best_val_loss_on_disk, checkpoint_run_dir, config_differences,
+                         find_resume_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .data import build_sources
 from .data.base import EpisodeSource
 from .errors import CheckpointError, UserError
 from .evaluate import evaluate
 from .hardware import configure
-from .io import write_csv
+from .io import read_csv, write_csv
 from .models import build_model
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,20 @@ RESULT_COLUMNS = [*config_checks.RESULT_KEYS, "metric", "mean", "ci95", "test_lo
 
 
 class StopRequested(Exception):
-    """SIGINT/SIGTERM arrived; `last.pt` has been written."""
+    """SIGINT/SIGTERM arrived; `last.pt` has been written. The CLI adds the command that resumes."""
+
+    def __init__(self, message: str, signum: int, run_dir: Path):
+        super().__init__(message)
+        self.signum, self.run_dir = signum, run_dir
+
+
+# With train.nan_policy=skip, this many non-finite batches in a row stop the run: the model cannot recover.
+MAX_CONSECUTIVE_SKIPS = 20
+
+
+def _fresh_running() -> dict:
+    """Training statistics accumulated since the last validation (part of the checkpoint: a stop may come mid-way)."""
+    return {"loss": 0.0, "acc": 0.0, "grad_norm": 0.0, "n": 0}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -52,36 +67,73 @@ class Trainer:
         self.best_val_loss = math.inf
         self.metrics_rows: list[dict] = []
         self.train_seconds = 0.0
+        self.running = _fresh_running()
+        self.consecutive_skips = 0
+        self.last_checkpoint_iteration: int | None = None  # named when training has to stop on NaN
         self._stop_signal: int | None = None
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def state(self) -> dict:
+        # Task samplers with their own RNG (beyond the global streams in `rng`) expose state_dict/load_state_dict.
+        samplers = {split: source.state_dict() for split, source in self.sources.items()
+                    if hasattr(source, "state_dict")}
         return {"algorithm": self.algorithm.checkpoint_state(), "iteration": self.iteration,
                 "best_val_loss": self.best_val_loss, "metrics_rows": self.metrics_rows,
-                "train_seconds": self.train_seconds, "rng": rng_state(),
+                "running": dict(self.running), "consecutive_skips": self.consecutive_skips,
+                "train_seconds": self.train_seconds, "rng": rng_state(), "samplers": samplers,
                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
 
     def save(self, name: str) -> Path:
+        if name == LAST:
+            self.last_checkpoint_iteration = self.iteration
         return save_checkpoint(self.checkpoint_dir / name, self.state())
 
-    def resume(self, path: Path) -> None:
+    def _load_algorithm(self, path: Path) -> dict:
+        """Load a checkpoint's meta-parameters/optimizer; a mismatch with this config is one clear line."""
         state = load_checkpoint(path, map_location=self.device)
         try:
             self.algorithm.load_checkpoint_state(state["algorithm"])
-        except (KeyError, RuntimeError, ValueError) as exc:
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"checkpoint '{path}' does not fit this config (algorithm/model/dataset differ): "
-                                  f"{str(exc).splitlines()[0]}") from None
-        self.iteration = int(state["iteration"])
-        self.best_val_loss = float(state["best_val_loss"])
-        self.metrics_rows = list(state["metrics_rows"])
-        self.train_seconds = float(state["train_seconds"])
-        set_rng_state(state["rng"])
+                                  f"{detail}") from None
+        return state
+
+    def resume(self, path: Path) -> None:
+        state = self._load_algorithm(path)
+        differences = config_differences(state.get("config", {}), self.cfg)
+        if differences:
+            log.warning("resuming %s with a different config: %s", path, "; ".join(differences))
+        try:
+            self.iteration = self.last_checkpoint_iteration = int(state["iteration"])
+            self.metrics_rows = list(state["metrics_rows"])
+            self.train_seconds = float(state["train_seconds"])
+            self.running = dict(state.get("running") or _fresh_running())
+            self.consecutive_skips = int(state.get("consecutive_skips", 0))
+            set_rng_state(state["rng"])
+            for split, sampler_state in state.get("samplers", {}).items():
+                self.sources[split].load_state_dict(sampler_state)
+            # best.pt may be better than what last.pt knows (a kill between writing the two): never replace it
+            # with something worse.
+            self.best_val_loss = min(float(state["best_val_loss"]), best_val_loss_on_disk(self.checkpoint_dir))
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint '{path}' lacks resume state ({type(exc).__name__}: {exc}); "
+                                  f"resume from a {LAST} written by maml-run") from None
         write_csv(self.run_dir / "metrics.csv", self.metrics_rows, METRICS_COLUMNS)
         log.info("resumed from %s at iteration %d (best val loss %.4f)", path, self.iteration, self.best_val_loss)
 
     # ---- loop --------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None:  # a second Ctrl-C: stop now (checkpoint writes are atomic)
+            raise KeyboardInterrupt
         self._stop_signal = signum
+        log.warning("received %s: stopping after this iteration and saving %s (press again to stop now)",
+                    signal.Signals(signum).name, LAST)
+
+    def _install_signal_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():  # e.g. a threaded launcher: keep defaults
+            return {}
+        return {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def fit(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -90,27 +142,28 @@ class Trainer:
         total, interval = int(cfg.iterations), int(cfg.val_interval)
         val_tasks = [t.to(self.device) for t in
                      self.sources["validation"].fixed_tasks(int(cfg.val_tasks), int(self.cfg.eval.seed) + 1)]
-        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.iteration + 1 if self.iteration else None)
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        # Drop TensorBoard events a killed run wrote after the checkpoint we continue from (steps > iteration).
+        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.iteration + 1)
+        if self.iteration == 0:  # a fresh start: no stale rows from an earlier attempt in this directory
+            write_csv(self.run_dir / "metrics.csv", self.metrics_rows, METRICS_COLUMNS)
+        previous = self._install_signal_handlers()
         batch = int(cfg.meta_batch_size)
         progress = tqdm(total=total, initial=self.iteration, desc=f"{self.algorithm.name}", unit="it",
                         dynamic_ncols=True, mininterval=1.0, disable=None)
-        running = {"loss": 0.0, "acc": 0.0, "grad_norm": 0.0, "n": 0}
         try:
             while self.iteration < total:
                 started = time.perf_counter()
                 tasks = [self.sources["train"].sample().to(self.device) for _ in range(batch)]
                 stats = self.algorithm.train_step(tasks, self.iteration)
                 self.train_seconds += time.perf_counter() - started
-                if not stats["finite"]:
-                    self._non_finite(stats)
-                    self.iteration += 1
-                    progress.update(1)
-                    continue
                 self.iteration += 1
-                for key in ("loss", "acc", "grad_norm"):
-                    running[key] += stats[key]
-                running["n"] += 1
+                if stats["finite"]:
+                    self.consecutive_skips = 0
+                    for key in ("loss", "acc", "grad_norm"):
+                        self.running[key] += stats[key]
+                    self.running["n"] += 1
+                else:
+                    self._non_finite(stats)  # raises unless train.nan_policy=skip
                 if self.iteration % int(cfg.log_interval) == 0:
                     for key, value in stats.items():
                         if key != "finite" and math.isfinite(value):
@@ -119,14 +172,12 @@ class Trainer:
                 progress.update(1)
                 progress.set_postfix(loss=f"{stats['loss']:.4f}", best_val=f"{self.best_val_loss:.4f}", refresh=False)
                 if self.iteration % interval == 0 or self.iteration == total:
-                    self._validate(val_tasks, running, writer)
-                    running = {"loss": 0.0, "acc": 0.0, "grad_norm": 0.0, "n": 0}
+                    self._validate(val_tasks, self.running, writer)
                 if self._stop_signal is not None:
-                    self.save("last.pt")
+                    self.save(LAST)
                     raise StopRequested(
-                        f"stopped by signal {signal.Signals(self._stop_signal).name} at iteration {self.iteration}; "
-                        f"saved {self.checkpoint_dir / 'last.pt'}. Resume with: maml-run <same overrides> "
-                        f"train.resume={self.run_dir}")
+                        f"stopped by {signal.Signals(self._stop_signal).name} at iteration {self.iteration}/{total}; "
+                        f"saved {self.checkpoint_dir / LAST}", self._stop_signal, self.run_dir)
         finally:
             progress.close()
             writer.close()
@@ -134,13 +185,18 @@ class Trainer:
                 signal.signal(s, handler)
 
     def _non_finite(self, stats) -> None:
-        last = self.checkpoint_dir / "last.pt"
-        where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint written yet"
+        if self.last_checkpoint_iteration is not None:
+            where = f"last good checkpoint: {self.checkpoint_dir / LAST} (iteration {self.last_checkpoint_iteration})"
+        else:
+            where = "no checkpoint written yet"
         message = (f"non-finite training loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}) at iteration "
-                   f"{self.iteration + 1}; {where}. Lower algorithm.outer_lr/inner_lr, set train.grad_clip, "
+                   f"{self.iteration}; {where}. Lower algorithm.outer_lr/inner_lr, set train.grad_clip, "
                    f"or train.nan_policy=skip")
         if self.cfg.train.nan_policy == "stop":
             raise UserError(message)
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise UserError(f"{MAX_CONSECUTIVE_SKIPS} non-finite batches in a row (train.nan_policy=skip): {message}")
         log.warning("skipped batch: %s", message)
 
     def _validate(self, val_tasks, running, writer) -> None:
@@ -151,6 +207,7 @@ class Trainer:
                "val_loss": val_loss, "val_accuracy": val_acc, "val_loss_ci95": val_loss_ci,
                "val_accuracy_ci95": val_acc_ci, "grad_norm": running["grad_norm"] / n,
                "elapsed_seconds": round(self.train_seconds, 3)}
+        self.running = _fresh_running()  # before the checkpoints below: they must not carry this interval's sums
         self.metrics_rows.append(row)
         write_csv(self.run_dir / "metrics.csv", self.metrics_rows, METRICS_COLUMNS)
         for key in ("val_loss", "val_accuracy"):
@@ -170,8 +227,10 @@ class Trainer:
     def test(self, which: str | None = None) -> dict:
         which = which or str(self.cfg.eval.checkpoint)
         path = self.checkpoint_dir / f"{which}.pt"
-        state = load_checkpoint(path, map_location=self.device)
-        self.algorithm.load_checkpoint_state(state["algorithm"])
+        if which == "best" and not path.is_file() and (self.checkpoint_dir / LAST).is_file():
+            log.warning("no best.pt (no finite validation loss was reached): testing %s instead", LAST)
+            which, path = "last", self.checkpoint_dir / LAST
+        self._load_algorithm(path)
         tasks = self.sources["test"].iter_fixed_tasks(int(self.cfg.eval.num_tasks), int(self.cfg.eval.seed))
         result = evaluate(self.algorithm, tasks, int(self.cfg.eval.inner_steps), self.device)
         regression = self.algorithm.task_type == "regression"
@@ -187,17 +246,16 @@ class Trainer:
         return row
 
 
-def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """The `last.pt` to continue from: train.resume=true (this run dir) or a path to an earlier run dir."""
-    resume = cfg.train.get("resume", False)
-    if resume in (False, None, "false", "False"):
+def finished_results(cfg: DictConfig, run_dir: Path, checkpoint: Path) -> dict | None:
+    """The results row of a run that already finished with this config (a resumed sweep skips such jobs)."""
+    results = run_dir / "results.csv"
+    if not results.is_file():
         return None
-    source = run_dir if resume in (True, "true", "True") else Path(str(resume))
-    last = source / "checkpoints" / "last.pt" if source.is_dir() or not source.suffix else source
-    if not last.exists():
-        raise UserError(f"train.resume={resume}: no checkpoint at '{last}'; point train.resume at a run directory "
-                        f"that has checkpoints/last.pt")
-    return last
+    state = load_checkpoint(checkpoint)
+    if int(state.get("iteration", -1)) < int(cfg.train.iterations) or config_differences(state.get("config", {}), cfg):
+        return None
+    rows = read_csv(results, typed=True)
+    return rows[0] if len(rows) == 1 else None
 
 
 def build(cfg: DictConfig, run_dir: Path) -> Trainer:
@@ -214,14 +272,20 @@ def build(cfg: DictConfig, run_dir: Path) -> Trainer:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Train (or resume), then test on held-out tasks. Returns the results row."""
+    config_checks.validate(cfg)  # before anything is written
     run_dir = Path(run_dir)
+    checkpoint = find_resume_checkpoint(cfg, run_dir)
+    if checkpoint is not None:
+        run_dir = checkpoint_run_dir(checkpoint, run_dir)  # continue writing into the resumed run's directory
+        finished = finished_results(cfg, run_dir, checkpoint)
+        if finished is not None:
+            log.info("%s already finished with this config: not re-run (results: %s)", run_dir,
+                     run_dir / "results.csv")
+            return finished
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = build(cfg, run_dir)
-    checkpoint = resume_checkpoint(cfg, run_dir)
     if checkpoint is not None:
         trainer.resume(checkpoint)
-        if checkpoint.parent.parent != run_dir:  # continue writing into the resumed run's directory
-            trainer.run_dir, trainer.checkpoint_dir = checkpoint.parent.parent, checkpoint.parent
     trainer.fit()
     row = trainer.test()
     unit = "MSE" if row["metric"] == "mse" else "accuracy"

@@ -23,3 +23,24 @@ def tiny_sinusoid_cfg():
     """A sinusoid run that trains in about a second."""
     return compose_config(["train.iterations=20", "train.val_interval=10", "train.val_tasks=8",
                            "train.meta_batch_size=4", "eval.num_tasks=16", "hardware=cpu", "hardware.threads=1"])
+
+
+def cli_command(*overrides: str) -> list[str]:
+    """`maml-run <overrides>` as the installed entry point runs it (`python -m maml_runner.cli`)."""
+    import sys
+    return [sys.executable, "-m", "maml_runner.cli", *overrides]
+
+
+def cli_env() -> dict:
+    """The environment for CLI subprocesses: Hydra's own error reporting, no CUDA, quiet progress bars."""
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(CUDA_VISIBLE_DEVICES="", TQDM_DISABLE="1")
+    return env
+
+
+def run_cli(*overrides: str, timeout: float = 300):
+    """Run `maml-run` to completion from the repository root; returns the CompletedProcess (text mode)."""
+    import subprocess
+    return subprocess.run(cli_command(*overrides), cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
