@@ -61,9 +61,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # truncated zip, pickle garbage, ...
-        raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated ({type(exc).__name__}); "
-                              f"delete it or resume from another run") from None
+    except Exception:  # truncated zip, pickle garbage, ... (the type varies with where the bytes stop)
+        raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated; delete it, or resume from another "
+                              f"checkpoint (train.resume=<run dir>/checkpoints/{BEST})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is not a maml-runner checkpoint (expected format {FORMAT!r}); "
                               f"point train.resume at a run directory written by maml-run")

@@ -28,6 +28,9 @@ def _get(cfg: DictConfig, key: str, default=None):
 
 
 def _shown(value) -> str:
+    """A value as it would be typed on the command line (strings quoted so that '' and ' 5' are visible)."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
     return repr(value) if isinstance(value, str) else str(value)
 
 

@@ -15,7 +15,7 @@ DEVICES = ("auto", "cpu", "cuda")
 def select_device(hardware_cfg) -> torch.device:
     requested = str(hardware_cfg.device)
     if requested not in DEVICES and not requested.startswith("cuda:"):
-        raise UserError(f"hardware.device={requested!r} is not allowed; use one of {', '.join(DEVICES)}")
+        raise UserError(f"hardware.device={requested!r} is invalid: expected one of {', '.join(DEVICES)}, cuda:<index>")
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
@@ -24,7 +24,7 @@ def select_device(hardware_cfg) -> torch.device:
     try:
         device = torch.device(requested)
     except RuntimeError:  # "cuda:x"
-        raise UserError(f"hardware.device={requested!r} is not allowed; use cuda or cuda:<index>") from None
+        raise UserError(f"hardware.device={requested!r} is invalid: expected cuda or cuda:<index>") from None
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"hardware.device={requested}: there are only {torch.cuda.device_count()} CUDA device(s); "
                         f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")

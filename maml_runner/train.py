@@ -184,15 +184,26 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
+    def _last_good_checkpoint(self) -> str:
+        """The newest checkpoint on disk whose validation loss was finite (the state to go back to)."""
+        finite = [row for row in self.metrics_rows if math.isfinite(row["val_loss"])]
+        if not finite:
+            return "no checkpoint with a finite validation loss yet"
+        newest = finite[-1]
+        if newest is self.metrics_rows[-1] and self.last_checkpoint_iteration == newest["iteration"]:
+            name, row = LAST, newest
+        else:  # last.pt holds a non-finite validation (or a stop between validations): best.pt is the good one
+            name, row = "best.pt", min(finite, key=lambda r: r["val_loss"])
+        return f"last good checkpoint: {self.checkpoint_dir / name} (iteration {row['iteration']}, " \
+               f"val loss {row['val_loss']:.4g})"
+
     def _non_finite(self, stats) -> None:
-        if self.last_checkpoint_iteration is not None:
-            where = f"last good checkpoint: {self.checkpoint_dir / LAST} (iteration {self.last_checkpoint_iteration})"
-        else:
-            where = "no checkpoint written yet"
+        policy = str(self.cfg.train.nan_policy)
+        advice = "lower algorithm.outer_lr/inner_lr or set train.grad_clip" + \
+            (" (or train.nan_policy=skip to skip such batches)" if policy == "stop" else "")
         message = (f"non-finite training loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}) at iteration "
-                   f"{self.iteration}; {where}. Lower algorithm.outer_lr/inner_lr, set train.grad_clip, "
-                   f"or train.nan_policy=skip")
-        if self.cfg.train.nan_policy == "stop":
+                   f"{self.iteration}; {self._last_good_checkpoint()}; {advice}")
+        if policy == "stop":
             raise UserError(message)
         self.consecutive_skips += 1
         if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
@@ -202,7 +213,7 @@ class Trainer:
     def _validate(self, val_tasks, running, writer) -> None:
         result = evaluate(self.algorithm, val_tasks, int(self.cfg.eval.inner_steps), self.device)
         (val_loss, val_loss_ci), (val_acc, val_acc_ci) = result.loss, result.accuracy
-        n = max(running["n"], 1)
+        n = running["n"] or math.nan  # nan, not 0, when every batch of the interval was skipped as non-finite
         row = {"iteration": self.iteration, "train_loss": running["loss"] / n, "train_accuracy": running["acc"] / n,
                "val_loss": val_loss, "val_accuracy": val_acc, "val_loss_ci95": val_loss_ci,
                "val_accuracy_ci95": val_acc_ci, "grad_norm": running["grad_norm"] / n,

@@ -1,0 +1,198 @@
+"""Bad input ends with one line on stderr saying what is wrong and what is allowed, a non-zero exit code, and no
+half-written files. Through the CLI for each class of error (Hydra config, values, hardware, output directory,
+NaN during training); the many value checks in-process through `run`."""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import compose_config, run_cli
+from maml_runner import cli
+from maml_runner import train as train_module
+from maml_runner.data.base import EpisodeSource
+from maml_runner.errors import UserError
+from maml_runner.hardware import select_device
+from maml_runner.io import atomic_write_text, read_csv
+from maml_runner.train import run
+
+TINY = ["train.iterations=40", "train.val_interval=10", "train.val_tasks=4", "train.meta_batch_size=2",
+        "eval.num_tasks=4", "hardware=cpu", "hardware.threads=1"]
+
+
+def assert_one_line_error(result, expected: str, code: int = 2) -> str:
+    """`expected` is a regular expression for the whole line after 'maml-run: error: '."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert re.fullmatch(f"maml-run: error: {expected}", lines[0]), lines[0]
+    assert result.returncode == code
+    return lines[0]
+
+
+# ---- through the CLI: what the user sees ---------------------------------------------------------------
+@pytest.mark.parametrize("overrides,expected", [
+    (["algorithm=foo"], re.escape("algorithm=foo is not an option; choose one of: maml")),
+    (["dataset=omniglot"], r"dataset=omniglot is not an option; choose one of: omniglot_20w1s, .*sinusoid"),
+    (["train.iteratons=5"], re.escape("train.iteratons is not a config key; did you mean train.iterations? "
+                                      "(maml-run --help lists them; +train.iteratons=... adds a new key)")),
+    (["train.iterations=[1"], re.escape("cannot parse override 'train.iterations=[1': no viable alternative at "
+                                        "input '[1' (see ") + r"https://hydra.cc/\S+ for details\)"),
+], ids=["group-option", "group-option-list", "unknown-key", "override-syntax"])
+def test_hydra_config_errors_are_one_line(overrides, expected, tmp_path):
+    result = run_cli(*overrides, f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(result, expected)
+    assert not (tmp_path / "run").exists()  # rejected before Hydra created anything
+
+
+def test_wrong_type_is_one_line_and_writes_no_run_files(tmp_path):
+    result = run_cli("train.iterations=abc", f"hydra.run.dir={tmp_path}")
+    assert_one_line_error(result, re.escape("train.iterations='abc' is invalid: expected a positive integer (>= 1)"))
+    assert not {p.name for p in tmp_path.iterdir()} - {".hydra", "cli.log"}  # only Hydra's own bookkeeping
+
+
+def test_output_directory_that_cannot_be_created(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = run_cli(f"hydra.run.dir={blocker / 'run'}")
+    assert_one_line_error(result, re.escape(f"cannot create the output directory '{blocker / 'run'}': Not a "
+                                            f"directory; set hydra.run.dir=<writable dir> (hydra.sweep.dir with -m)"))
+
+
+def test_cuda_requested_without_cuda(tmp_path):
+    result = run_cli("hardware=cuda", f"hydra.run.dir={tmp_path}")  # conftest hides GPUs: CUDA_VISIBLE_DEVICES=""
+    assert_one_line_error(result, re.escape("hardware.device=cuda was requested but no CUDA device is available; "
+                                            "use hardware=cpu or hardware=auto"))
+
+
+def test_nan_loss_stops_with_the_iteration_named(tmp_path):
+    result = run_cli(*TINY, "algorithm.outer_lr=1e30", f"hydra.run.dir={tmp_path}")
+    assert_one_line_error(result, r"non-finite training loss \(nan\) or gradient norm \(\S+\) at iteration \d+; "
+                                  r"no checkpoint with a finite validation loss yet; lower algorithm.outer_lr/inner_lr"
+                                  r" or set train.grad_clip \(or train.nan_policy=skip to skip such batches\)")
+    assert not (tmp_path / "results.csv").exists()
+
+
+# ---- value checks, in-process: each names the key, the value and what is allowed -----------------------
+@pytest.mark.parametrize("override,message", [
+    ("train.iterations=0", "train.iterations=0 is invalid: expected a positive integer (>= 1)"),
+    ("train.iterations=-5", "train.iterations=-5 is invalid: expected a positive integer (>= 1)"),
+    ("train.iterations=1.5", "train.iterations=1.5 is invalid: expected a positive integer (>= 1)"),
+    ("train.iterations=true", "train.iterations=true is invalid: expected a positive integer (>= 1)"),
+    ("train.iterations=null", "train.iterations=null is invalid: expected a positive integer (>= 1)"),
+    ("train.meta_batch_size=0", "train.meta_batch_size=0 is invalid: expected a positive integer (>= 1)"),
+    ("algorithm.inner_lr=0", "algorithm.inner_lr=0 is invalid: expected a positive number (> 0)"),
+    ("algorithm.outer_lr=-0.001", "algorithm.outer_lr=-0.001 is invalid: expected a positive number (> 0)"),
+    ("algorithm.inner_lr=fast", "algorithm.inner_lr='fast' is invalid: expected a positive number (> 0)"),
+    ("algorithm.outer_lr=inf", "algorithm.outer_lr=inf is invalid: expected a positive number (> 0)"),
+    ("algorithm.inner_steps=0", "algorithm.inner_steps=0 is invalid: expected a positive integer (>= 1)"),
+    ("eval.inner_steps=-1", "eval.inner_steps=-1 is invalid: expected a positive integer (>= 1)"),
+    ("dataset.shots=0", "dataset.shots=0 is invalid: expected a positive integer (>= 1)"),
+    ("dataset.query_shots=-2", "dataset.query_shots=-2 is invalid: expected a positive integer (>= 1)"),
+    ("dataset.ways=0", "dataset.ways=0 is invalid: expected a positive integer (>= 1)"),
+    ("dataset.ways=5", "dataset.ways=5 is invalid for sinusoid regression: expected 1"),
+    ("seed=-1", "seed=-1 is invalid: expected an integer >= 0"),
+    ("algorithm.first_order=maybe", "algorithm.first_order='maybe' is invalid: expected true or false"),
+    ("train.nan_policy=ignore", "train.nan_policy='ignore' is invalid: expected one of stop, skip"),
+    ("train.grad_clip=0", "train.grad_clip=0 is invalid: expected a positive number or null (off)"),
+    ("hardware.threads=0", "hardware.threads=0 is invalid: expected a positive integer or null"),
+    ("hardware.device=tpu", "hardware.device='tpu' is invalid: expected one of auto, cpu, cuda, cuda:<index>"),
+    ("train.resume=/nonexistent/run", "train.resume=/nonexistent/run: no checkpoint at '/nonexistent/run'; use "
+                                      "train.resume=true or a run directory that has checkpoints/last.pt"),
+])
+def test_bad_values_name_key_value_and_what_is_allowed(override, message, tmp_path):
+    with pytest.raises(UserError) as raised:
+        run(compose_config([*TINY, override]), tmp_path / "run")
+    assert str(raised.value) == message
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_cuda_index_beyond_the_devices():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA (without it, any cuda device is refused by test_cuda_requested_without_cuda)")
+    count = torch.cuda.device_count()
+    with pytest.raises(UserError, match=rf"hardware.device=cuda:{count}: there are only {count} CUDA device"):
+        select_device(OmegaConf.create({"device": f"cuda:{count}"}))
+
+
+def test_an_interpolation_that_does_not_resolve(tmp_path):
+    with pytest.raises(UserError, match=r"^the config does not resolve: .*nonexistent"):
+        run(compose_config([*TINY, "name=${nonexistent.key}"]), tmp_path)
+
+
+def test_unwritable_target_inside_the_run_is_one_line(tmp_path):
+    (tmp_path / "checkpoints").write_text("a file where the checkpoint folder should be")
+    with pytest.raises(UserError, match=r"^cannot write to '.*checkpoints': (File exists|Not a directory); choose a "
+                                        r"writable output directory"):
+        atomic_write_text(tmp_path / "checkpoints" / "last.pt", "x")
+
+
+def test_permission_error_creating_the_run_directory_is_one_line(monkeypatch):
+    """As root (CI containers) a read-only directory cannot be simulated; the formatting is what matters."""
+    monkeypatch.setattr(cli, "_task_started", False)
+    message, code = cli.error_line(PermissionError(13, "Permission denied", "/readonly/outputs/run"))
+    assert message == ("maml-run: error: cannot create the output directory '/readonly/outputs/run': Permission "
+                       "denied; set hydra.run.dir=<writable dir> (hydra.sweep.dir with -m)") and code == 2
+
+
+# ---- NaN during training: stop naming the last good checkpoint, or skip -------------------------------
+class PoisonedTasks(EpisodeSource):
+    """The training stream of `source`, with NaN targets in the samples numbered in `poisoned`."""
+
+    def __init__(self, source: EpisodeSource, poisoned: range):
+        self.source, self.poisoned, self.count = source, poisoned, 0
+        self.task_type = source.task_type
+
+    def sample(self):
+        task = self.source.sample()
+        self.count += 1
+        return task._replace(query_y=task.query_y * math.nan) if self.count in self.poisoned else task
+
+
+def poison_training_samples(monkeypatch, poisoned: range) -> None:
+    build_sources = train_module.build_sources
+
+    def poisoned_sources(dataset_cfg):
+        sources = dict(build_sources(dataset_cfg))
+        sources["train"] = PoisonedTasks(sources["train"], poisoned)
+        return sources
+
+    monkeypatch.setattr(train_module, "build_sources", poisoned_sources)
+
+
+def test_nan_batch_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch):
+    poison_training_samples(monkeypatch, range(51, 10**9))  # meta-batch 2: iteration 26 onwards
+    with pytest.raises(UserError) as raised:
+        run(compose_config(TINY), tmp_path)
+    last = read_csv(tmp_path / "metrics.csv", typed=True)[-1]
+    assert last["iteration"] == 20
+    assert str(raised.value) == (
+        f"non-finite training loss (nan) or gradient norm (nan) at iteration 26; last good checkpoint: "
+        f"{tmp_path / 'checkpoints/last.pt'} (iteration 20, val loss {last['val_loss']:.4g}); lower "
+        f"algorithm.outer_lr/inner_lr or set train.grad_clip (or train.nan_policy=skip to skip such batches)")
+    assert not (tmp_path / "results.csv").exists()
+
+
+def test_nan_policy_skip_skips_the_batches_and_keeps_parameters_finite(tmp_path, monkeypatch, caplog):
+    poison_training_samples(monkeypatch, range(51, 55))  # iterations 26 and 27
+    with caplog.at_level(logging.WARNING, logger="maml_runner.train"):
+        row = run(compose_config([*TINY, "train.nan_policy=skip"]), tmp_path)
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped batch")]
+    assert [re.search(r"at iteration (\d+)", m).group(1) for m in skipped] == ["26", "27"]
+    assert math.isfinite(row["mean"])
+    metrics = read_csv(tmp_path / "metrics.csv", typed=True)
+    assert [r["iteration"] for r in metrics] == [10, 20, 30, 40]
+    assert all(math.isfinite(r["train_loss"]) for r in metrics)
+
+
+def test_nan_policy_skip_gives_up_after_many_non_finite_batches_in_a_row(tmp_path, monkeypatch):
+    poison_training_samples(monkeypatch, range(1, 10**9))
+    with pytest.raises(UserError, match=rf"^{train_module.MAX_CONSECUTIVE_SKIPS} non-finite batches in a row "
+                                        r"\(train.nan_policy=skip\): .* at iteration 20; last good checkpoint: "
+                                        r".*last.pt \(iteration 10, "):
+        run(compose_config([*TINY, "train.nan_policy=skip"]), tmp_path)
