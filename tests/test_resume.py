@@ -135,8 +135,8 @@ def test_sigterm_saves_last_and_prints_the_command_that_resumes_exactly(referenc
     command = shlex.split(match.group(3))
     assert command[0] == "maml-run" and f"train.resume={run_dir}" in command
 
-    resumed = run_cli(*command[1:])
-    assert resumed.returncode == 0, resumed.stderr
+    # The printed overrides, run in-process (the CLI path is covered above); a fresh Hydra dir, as the CLI would have.
+    run(compose_config(command[1:]), tmp_path / "fresh-hydra-dir")
     assert_same_run(run_dir, reference)  # including train_loss of the validation interval the stop cut in two
 
 
@@ -209,21 +209,26 @@ def test_finished_run_is_not_rerun_but_a_changed_eval_config_is_retested(referen
 
 
 def test_resumed_sweep_skips_finished_jobs_and_finishes_the_rest(tmp_path):
+    """`maml-run -m ... train.resume=true hydra.sweep.dir=<same>`: job 0 finished, job 1 died after its last
+    checkpoint (before its test), job 2 never started. Jobs 0 and 1 are prepared in-process under the names the
+    sweep gives them (`<num>_<overrides>`), so one CLI sweep shows all three cases."""
     sweep = tmp_path / "sweep"
-    args = ["-m", "seed=0,1", "train.iterations=4", "train.val_interval=2", "train.val_tasks=4",
-            "train.meta_batch_size=2", "eval.num_tasks=4", "hardware=cpu", "hardware.threads=1",
-            f"hydra.sweep.dir={sweep}"]
-    first = run_cli(*args)
-    assert first.returncode == 0, first.stderr
-    finished, interrupted = sorted(sweep.glob("*/results.csv"))
-    assert [p.parent.name.split("_")[0] for p in (finished, interrupted)] == ["0", "1"]
-    finished_mtime, interrupted_row = finished.stat().st_mtime_ns, read_csv(interrupted)
-    interrupted.unlink()  # job 1 "died" after its last checkpoint, before its test
+    common = ["train.iterations=4", "train.val_interval=2", "train.val_tasks=4", "train.meta_batch_size=2",
+              "eval.num_tasks=4", "hardware.threads=1", "hardware=cpu"]
+    job_dir = lambda num, seed: sweep / f"{num}_{','.join(sorted([*common, f'seed={seed}']))}"  # noqa: E731
+    for num, seed in ((0, 0), (1, 1)):
+        run(compose_config([*common, f"seed={seed}"]), job_dir(num, seed))
+    finished, interrupted = job_dir(0, 0) / "results.csv", job_dir(1, 1) / "results.csv"
+    finished_mtime, interrupted_mean = finished.stat().st_mtime_ns, read_csv(interrupted)[0]["mean"]
+    interrupted.unlink()
 
-    second = run_cli(*args, "train.resume=true")
-    assert second.returncode == 0, second.stderr
-    log = second.stdout + second.stderr
-    assert re.search(rf"{re.escape(finished.parent.name)} already finished with this config: not re-run", log), log
-    assert re.search(rf"resumed from \S*{re.escape(interrupted.parent.name)}/checkpoints/last.pt", log), log
+    result = run_cli("-m", "seed=0,1,2", *common, "train.resume=true", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr
+    log = result.stdout + result.stderr
+    assert re.search(rf"{re.escape(job_dir(0, 0).name)} already finished with this config: not re-run", log), log
+    assert re.search(rf"resumed from \S*{re.escape(job_dir(1, 1).name)}/checkpoints/last.pt", log), log
     assert finished.stat().st_mtime_ns == finished_mtime
-    assert read_csv(interrupted)[0]["mean"] == interrupted_row[0]["mean"]
+    assert read_csv(interrupted)[0]["mean"] == interrupted_mean
+    assert (job_dir(2, 2) / "results.csv").is_file()  # the job that never started ran from scratch
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == \
+        sorted(job_dir(n, n).name for n in range(3))
