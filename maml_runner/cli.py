@@ -17,6 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError
 
@@ -37,7 +38,7 @@ def _main(cfg: DictConfig) -> float | None:
 
     try:
         row = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (UserError, StopRequested) as exc:
+    except (UserError, StopRequested, OmegaConfBaseException) as exc:
         if isinstance(exc, StopRequested):
             exc.args = (f"{exc}; resume with: {resume_command(Path(exc.run_dir))}",)
         if _is_multirun():  # Hydra names the failed job, then `main` prints the one line
@@ -97,7 +98,8 @@ def hydra_error_line(exc: HydraException) -> str:
         return f"{key} is not a config key; {hint}(maml-run --help lists them; +{key}=... adds a new key)"
     if cause is not None and str(cause).strip():
         lines.append(str(cause).strip().splitlines()[0])
-    return "; ".join(lines)
+    return "; ".join(line.rstrip(".") if i == 0 else line[0].lower() + line[1:].rstrip(".")
+                     for i, line in enumerate(lines))
 
 
 def error_line(exc: BaseException) -> tuple[str, int]:
@@ -111,6 +113,13 @@ def error_line(exc: BaseException) -> tuple[str, int]:
         return f"{PROG}: error: {exc}", EXIT_USAGE
     if isinstance(exc, HydraException):
         return f"{PROG}: error: {hydra_error_line(exc)}", EXIT_USAGE
+    if isinstance(exc, OmegaConfBaseException):  # a config key the code needs is missing or of the wrong kind
+        key = getattr(exc, "full_key", None)
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"{PROG}: error: config{f' key {key}' if key else ''}: {detail}", EXIT_USAGE
+    if not _task_started and isinstance(exc, (ValueError, TypeError)):  # Hydra composing e.g. `dataset=5`
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"{PROG}: error: invalid command line: {detail} (maml-run --help shows the groups and keys)", EXIT_USAGE
     if isinstance(exc, OSError):
         where = f"'{exc.filename}': " if exc.filename else ""
         if not _task_started:  # Hydra creating the run directory and its .hydra/ files

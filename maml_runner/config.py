@@ -57,7 +57,24 @@ def _check_numbers(cfg, keys, kind, allowed: str, is_allowed, optional: bool) ->
             raise UserError(f"{key}={_shown(value)} is invalid: expected {allowed}")
 
 
+SECTIONS = ("train", "eval", "algorithm", "model", "dataset", "hardware")
+GROUPS = ("algorithm", "model", "dataset", "hardware")  # chosen as a whole from conf/<group>/
+# Keys every run reads, whatever the algorithm or dataset (e.g. removed with `~train.iterations`).
+REQUIRED = ("seed", "train.iterations", "train.meta_batch_size", "train.val_interval", "train.val_tasks",
+            "train.log_interval", "eval.inner_steps", "eval.num_tasks", "eval.seed", "eval.checkpoint",
+            "algorithm.name", "model.name", "dataset.kind", "dataset.ways", "dataset.shots", "dataset.query_shots",
+            "hardware.device")
+
+
 def validate(cfg: DictConfig) -> None:
+    for section in SECTIONS:
+        if not isinstance(_get(cfg, section), DictConfig):
+            how = f"{section}=<option>" if section in GROUPS else f"{section}.<key>=<value>"
+            raise UserError(f"{section}={_shown(_get(cfg, section))} is invalid: expected the {section} section "
+                            f"(a mapping); set it with {how}")
+    for key in REQUIRED:
+        if _get(cfg, key, _UNSET) is _UNSET:
+            raise UserError(f"{key} is missing from the config; it is required (restore it, e.g. {key}=<value>)")
     try:
         OmegaConf.to_container(cfg, resolve=True)
     except Exception as exc:  # an interpolation that does not resolve (${oc.env:...}, a typo in ${...})
