@@ -94,7 +94,9 @@ class Trainer:
         try:
             self.algorithm.load_checkpoint_state(state["algorithm"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            # torch's message starts "Error(s) in loading state_dict for X:"; the first line after it says what.
+            lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+            detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
             raise CheckpointError(f"checkpoint '{path}' does not fit this config (algorithm/model/dataset differ): "
                                   f"{detail}") from None
         return state

@@ -104,7 +104,9 @@ def test_checkpoint_of_another_model_does_not_fit(finished, tmp_path):
         run(cfg, tmp_path / "other")
     message = str(raised.value)
     assert message.startswith(f"checkpoint '{finished / 'checkpoints/last.pt'}' does not fit this config "
-                              f"(algorithm/model/dataset differ): Error(s) in loading state_dict")
+                              f"(algorithm/model/dataset differ): size mismatch for model.body.0.weight: copying "
+                              f"a param with shape torch.Size([40, 1]) from checkpoint, the shape in current model "
+                              f"is torch.Size([20, 1])")
     assert "\n" not in message
 
 
