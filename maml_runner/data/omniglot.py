@@ -148,7 +148,8 @@ def decode_images(sources: dict[str, Path], characters: dict[str, list[str]], si
 def _cache_dir(root: Path, cache_dir) -> Path:
     if cache_dir:
         return Path(cache_dir).expanduser()
-    if os.access(root, os.W_OK):
+    # Permission bits, not os.access: as root, os.access says yes even for a directory marked read-only.
+    if os.access(root, os.W_OK) and root.stat().st_mode & 0o222:
         return root
     return Path.home() / ".cache" / "maml_runner" / "omniglot"
 

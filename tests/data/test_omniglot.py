@@ -210,3 +210,15 @@ def test_real_omniglot(tmp_path_factory):
     task = sources["train"].sample()
     assert task.support_x.shape == (5, 1, 28, 28) and task.query_x.shape == (5, 1, 28, 28)
     assert 0.02 < task.support_x.mean().item() < 0.3  # mostly background (0) with ink strokes (1)
+
+
+def test_read_only_root_caches_in_home(tmp_path, monkeypatch):
+    root = make_fake_omniglot(tmp_path / "data")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    root.chmod(0o555)
+    try:
+        load_omniglot(root, 28)
+    finally:
+        root.chmod(0o755)
+    assert not list(root.glob("*.pt")), "wrote a cache into a read-only data root"
+    assert len(list((tmp_path / "home" / ".cache" / "maml_runner" / "omniglot").glob("*.pt"))) == 1
