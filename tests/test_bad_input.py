@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from conftest import compose_config, run_cli
 from maml_runner import cli
@@ -43,7 +45,12 @@ def assert_one_line_error(result, expected: str, code: int = 2) -> str:
                                       "(maml-run --help lists them; +train.iteratons=... adds a new key)")),
     (["train.iterations=[1"], re.escape("cannot parse override 'train.iterations=[1': no viable alternative at "
                                         "input '[1' (see ") + r"https://hydra.cc/\S+ for details\)"),
-], ids=["group-option", "group-option-list", "unknown-key", "override-syntax"])
+    (["dataset=5"], re.escape("invalid command line: Config group override must be a string or a list. Got int "
+                              "(maml-run --help shows the groups and keys)")),
+    (["+train.iterations=5"], re.escape("Could not append to config. An item is already at 'train.iterations'; "
+                                        "either remove + prefix: 'train.iterations=5'; or add a second + to add or "
+                                        "override 'train.iterations': '++train.iterations=5'")),
+], ids=["group-option", "group-option-list", "unknown-key", "override-syntax", "group-type", "append-existing"])
 def test_hydra_config_errors_are_one_line(overrides, expected, tmp_path):
     result = run_cli(*overrides, f"hydra.run.dir={tmp_path / 'run'}")
     assert_one_line_error(result, expected)
@@ -79,7 +86,10 @@ def test_nan_loss_stops_with_the_iteration_named(tmp_path):
 
 
 # ---- value checks, in-process: each names the key, the value and what is allowed -----------------------
-@pytest.mark.parametrize("override,message", [
+BAD_VALUES = [
+    ("train=5", "train=5 is invalid: expected the train section (a mapping); set it with train.<key>=<value>"),
+    ("~train.iterations", "train.iterations is missing from the config; it is required (restore it, e.g. "
+                          "train.iterations=<value>)"),
     ("train.iterations=0", "train.iterations=0 is invalid: expected a positive integer (>= 1)"),
     ("train.iterations=-5", "train.iterations=-5 is invalid: expected a positive integer (>= 1)"),
     ("train.iterations=1.5", "train.iterations=1.5 is invalid: expected a positive integer (>= 1)"),
@@ -104,12 +114,23 @@ def test_nan_loss_stops_with_the_iteration_named(tmp_path):
     ("hardware.device=tpu", "hardware.device='tpu' is invalid: expected one of auto, cpu, cuda, cuda:<index>"),
     ("train.resume=/nonexistent/run", "train.resume=/nonexistent/run: no checkpoint at '/nonexistent/run'; use "
                                       "train.resume=true or a run directory that has checkpoints/last.pt"),
-])
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_VALUES, ids=[override for override, _ in BAD_VALUES])
 def test_bad_values_name_key_value_and_what_is_allowed(override, message, tmp_path):
     with pytest.raises(UserError) as raised:
         run(compose_config([*TINY, override]), tmp_path / "run")
     assert str(raised.value) == message
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_a_config_key_the_code_needs_but_was_removed_is_one_line(tmp_path):
+    """Keys only an algorithm reads are not in config.REQUIRED; OmegaConf's error becomes one line naming the key."""
+    with pytest.raises(OmegaConfBaseException) as raised:
+        run(compose_config([*TINY, "~algorithm.inner_lr"]), tmp_path)
+    assert cli.error_line(raised.value) == (
+        "maml-run: error: config key algorithm.inner_lr: Key 'inner_lr' is not in struct", 2)
 
 
 def test_cuda_index_beyond_the_devices():
@@ -196,3 +217,88 @@ def test_nan_policy_skip_gives_up_after_many_non_finite_batches_in_a_row(tmp_pat
                                         r"\(train.nan_policy=skip\): .* at iteration 20; last good checkpoint: "
                                         r".*last.pt \(iteration 10, "):
         run(compose_config([*TINY, "train.nan_policy=skip"]), tmp_path)
+
+
+# ---- Omniglot data problems, on the tiny generated fixture (12 characters, split 6 / 3 / 3) --------------
+def omniglot_overrides(root, cache) -> list[str]:
+    return ["dataset=omniglot_5w1s", f"dataset.root={root}", f"dataset.cache_dir={cache}", "dataset.split=[6,3,3]",
+            "dataset.ways=3", "model.hidden=8", *TINY[:-2], "train.iterations=2", "hardware=cpu", "hardware.threads=1"]
+
+
+@pytest.fixture
+def omniglot_root(tmp_path):
+    from omniglot_fixture import make_fake_omniglot
+    return make_fake_omniglot(tmp_path / "omniglot")
+
+
+def test_more_ways_than_characters_in_a_split_through_the_cli(omniglot_root, tmp_path):
+    result = run_cli(*omniglot_overrides(omniglot_root, tmp_path / "cache"), "dataset.ways=4",
+                     f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(result, re.escape("dataset.ways=4 exceeds the 3 characters of the validation split; "
+                                            "allowed: 1..3"))
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def rewrite_zip(path: Path, change) -> None:
+    """Rewrite a zip with `change(name, data)` -> new data, or None to drop the member."""
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        members = [(name, archive.read(name)) for name in archive.namelist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members:
+            data = change(name, data)
+            if data is not None:
+                archive.writestr(name, data)
+
+
+DAMAGES = ("shots", "missing-root", "missing-zip", "corrupt-zip", "corrupt-png", "partial-zip")
+
+
+def first_drawing(name: str) -> bool:
+    return name.endswith("_01.png") and "character01" in name and "Alphabet_b0" in name
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("shots", r"dataset.shots \+ dataset.query_shots = 15 \+ 10 = 25 exceeds the 20 drawings per Omniglot character"),
+    ("missing-root", r"Omniglot not found under '{root}': put images_background.zip and images_evaluation.zip \(or "
+                     r"their extracted folders\) in '{root}', set dataset.root=... or OMNIGLOT_ROOT, or pass "
+                     r"dataset.download=true"),
+    ("missing-zip", r"Omniglot under '{root}' lacks images_evaluation \(.zip or folder\): put images_background.zip "
+                    r"and images_evaluation.zip .*"),
+    ("corrupt-zip", r"'{root}/images_background.zip' is not a readable zip \(.*\): replace it with the original "
+                    r"images_background.zip"),
+    ("corrupt-png", r"cannot decode '{root}/images_background.zip:images_background/Alphabet_b0/character01/"
+                    r"0001_01.png' \(\w+\): the file is corrupt; restore the original Omniglot files"),
+    ("partial-zip", r"character 'images_background/Alphabet_b0/character01' in '{root}/images_background.zip' has 19 "
+                    r"drawings, expected 20 \(partial extraction or damaged zip\?\): restore the original files"),
+], ids=DAMAGES)
+def test_omniglot_data_problems_name_the_file_and_the_fix(damage, message, omniglot_root, tmp_path):
+    overrides = omniglot_overrides(omniglot_root, tmp_path / "cache")
+    if damage == "shots":
+        overrides += ["dataset.shots=15", "dataset.query_shots=10"]
+    elif damage == "missing-root":
+        shutil.rmtree(omniglot_root)
+    elif damage == "missing-zip":
+        (omniglot_root / "images_evaluation.zip").unlink()
+    elif damage == "corrupt-zip":
+        (omniglot_root / "images_background.zip").write_bytes(b"PK\x03\x04 this is not a zip")
+    elif damage == "corrupt-png":
+        rewrite_zip(omniglot_root / "images_background.zip", lambda n, d: b"\x89PNG garbage" if first_drawing(n) else d)
+    elif damage == "partial-zip":
+        rewrite_zip(omniglot_root / "images_background.zip", lambda n, d: None if first_drawing(n) else d)
+    with pytest.raises(UserError) as raised:
+        run(compose_config(overrides), tmp_path / "run")
+    assert re.fullmatch(message.format(root=re.escape(str(omniglot_root))), str(raised.value)), str(raised.value)
+    assert not list(tmp_path.glob("cache/*.pt"))  # no cache from damaged data
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_partial_extraction_of_folders(tmp_path):
+    from omniglot_fixture import make_fake_omniglot
+    root = make_fake_omniglot(tmp_path / "omniglot", as_zip=False)
+    character = root / "images_evaluation" / "Alphabet_e0" / "character02"
+    for png in sorted(character.glob("*.png"))[12:]:
+        png.unlink()
+    with pytest.raises(UserError, match=rf"^character 'images_evaluation/Alphabet_e0/character02' in "
+                                        rf"'{re.escape(str(root / 'images_evaluation'))}' has 12 drawings, expected 20"):
+        run(compose_config(omniglot_overrides(root, tmp_path / "cache")), tmp_path / "run")

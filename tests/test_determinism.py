@@ -2,6 +2,7 @@
 validation and test tasks (fixed by eval.seed), so algorithms and seeds are compared on the same tasks."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import compose_config
@@ -36,8 +37,18 @@ def started(seed: int, tmp_path, *overrides):
     return trainer, [trainer.sources["train"].sample() for _ in range(4)]
 
 
-def test_seeds_change_training_tasks_but_not_validation_or_test_tasks(tmp_path):
-    (first, train_a), (second, train_b), (_, train_a_again) = (started(seed, tmp_path) for seed in (0, 1, 0))
+@pytest.fixture(params=["sinusoid", "omniglot"])
+def dataset(request, tmp_path_factory) -> list[str]:
+    if request.param == "sinusoid":
+        return []
+    from omniglot_fixture import make_fake_omniglot
+    root = make_fake_omniglot(tmp_path_factory.mktemp("omniglot"))
+    return ["dataset=omniglot_5w1s", f"dataset.root={root}", f"dataset.cache_dir={root}/cache", "dataset.ways=3",
+            "dataset.split=[6,3,3]", "model.hidden=8"]
+
+
+def test_seeds_change_training_tasks_but_not_validation_or_test_tasks(dataset, tmp_path):
+    (first, train_a), (second, train_b), (_, train_a_again) = (started(seed, tmp_path, *dataset) for seed in (0, 1, 0))
     assert not same_tasks(train_a, train_b) and same_tasks(train_a, train_a_again)
 
     eval_seed = int(first.cfg.eval.seed)
@@ -46,5 +57,5 @@ def test_seeds_change_training_tasks_but_not_validation_or_test_tasks(tmp_path):
     assert same_tasks(*tests) and same_tasks(*vals)
     assert not same_tasks(tests[0][:4], vals[0]) and not same_tasks(tests[0][:4], train_a)
 
-    other, _ = started(0, tmp_path, "eval.seed=99")
+    other, _ = started(0, tmp_path, *dataset, "eval.seed=99")
     assert not same_tasks(tests[0], other.sources["test"].fixed_tasks(8, int(other.cfg.eval.seed)))
