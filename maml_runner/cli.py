@@ -30,6 +30,14 @@ _task_started = False  # False while Hydra itself is still composing the config 
 _single_run_failure: BaseException | None = None  # a single run's error, reported by `main` without Hydra's banner
 
 
+class _StopSweep(BaseException):
+    """Carries a stop request past Hydra's per-job error capture, so SIGINT/SIGTERM ends the whole sweep."""
+
+    def __init__(self, stop: Exception):
+        super().__init__(str(stop))
+        self.stop = stop
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def _main(cfg: DictConfig) -> float | None:
     global _task_started, _single_run_failure
@@ -41,6 +49,8 @@ def _main(cfg: DictConfig) -> float | None:
     except (UserError, StopRequested, OmegaConfBaseException) as exc:
         if isinstance(exc, StopRequested):
             exc.args = (f"{exc}; resume with: {resume_command(Path(exc.run_dir))}",)
+            if _is_multirun():
+                raise _StopSweep(exc) from None
         if _is_multirun():  # Hydra names the failed job, then `main` prints the one line
             raise
         _single_run_failure = exc
@@ -133,7 +143,10 @@ def main() -> None:
     user_wants_traces = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
     try:
-        _main()
+        try:
+            _main()
+        except _StopSweep as stop:
+            raise stop.stop from None
         if _single_run_failure is not None:
             raise _single_run_failure
     except (Exception, KeyboardInterrupt) as exc:

@@ -85,6 +85,15 @@ def wait_for_rows(process: subprocess.Popen, path: Path, rows: int, timeout: flo
     return time.monotonic()
 
 
+def wait_for_job_rows(process: subprocess.Popen, sweep: Path) -> None:
+    """Block until the first job of a sweep has validated once."""
+    deadline = time.monotonic() + 120
+    while sum(metrics_rows(p) for p in sweep.glob("0_*/metrics.csv")) < 1:
+        assert process.poll() is None, f"the sweep exited (code {process.returncode}) before job 0 validated"
+        assert time.monotonic() < deadline, "job 0 never validated"
+        time.sleep(0.01)
+
+
 def test_sigkill_at_a_random_moment_then_resume_matches_the_run_done_in_one_go(reference, tmp_path):
     run_dir = tmp_path / "killed"
     process = subprocess.Popen(cli_command(*COMMON, f"hydra.run.dir={run_dir}"), cwd=REPO, env=cli_env(),
@@ -232,3 +241,23 @@ def test_resumed_sweep_skips_finished_jobs_and_finishes_the_rest(tmp_path):
     assert (job_dir(2, 2) / "results.csv").is_file()  # the job that never started ran from scratch
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == \
         sorted(job_dir(n, n).name for n in range(3))
+
+
+def test_sigterm_stops_the_whole_sweep_and_prints_the_sweep_resume_command(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "seed=0,1", *COMMON, "train.iterations=100000", f"hydra.sweep.dir={sweep}"]
+    process = subprocess.Popen(cli_command(*args), cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_job_rows(process, sweep)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    line = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"maml-run: stopped by SIGTERM at iteration \d+/100000; saved \S+/0_\S+/checkpoints/last\.pt; "
+                        rf"resume with: maml-run -m seed=0,1 .*train\.resume=true hydra\.sweep\.dir={re.escape(str(sweep))}",
+                        line), line
+    assert not list(sweep.glob("1_*")), "the sweep went on to the next job after SIGTERM"
