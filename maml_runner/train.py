@@ -173,6 +173,10 @@ class Trainer:
                     writer.add_scalar("train/seconds_per_iteration", self.train_seconds / self.iteration, self.iteration)
                 progress.update(1)
                 progress.set_postfix(loss=f"{stats['loss']:.4f}", best_val=f"{self.best_val_loss:.4f}", refresh=False)
+                if progress.disable and self.iteration % max(1, total // 20) == 0:  # no terminal: progress in the log
+                    per_iteration = self.train_seconds / self.iteration
+                    log.info("iter %d/%d | loss %.4f | %.3f s/it | ETA %s", self.iteration, total, stats["loss"],
+                             per_iteration, tqdm.format_interval(per_iteration * (total - self.iteration)))
                 if self.iteration % interval == 0 or self.iteration == total:
                     self._validate(val_tasks, self.running, writer)
                 if self._stop_signal is not None:
