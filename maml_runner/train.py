@@ -155,7 +155,7 @@ class Trainer:
         try:
             while self.iteration < total:
                 started = time.perf_counter()
-                tasks = [self.sources["train"].sample().to(self.device) for _ in range(batch)]
+                tasks = self.sources["train"].sample_batch(batch).to(self.device)
                 stats = self.algorithm.train_step(tasks, self.iteration)
                 self.train_seconds += time.perf_counter() - started
                 self.iteration += 1

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.base import Task
+from ..data.base import Task, TaskBatch
 
 
 def task_loss_fn(task_type: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -63,7 +63,7 @@ class MetaAlgorithm(nn.Module, ABC):
     def metric(self, predictions: torch.Tensor, targets: torch.Tensor) -> float:
         return float("nan") if self.task_type == "regression" else accuracy(predictions, targets)
 
-    def train_step(self, tasks: list[Task], iteration: int) -> dict[str, float]:
+    def train_step(self, tasks: TaskBatch, iteration: int) -> dict[str, float]:
         """One meta-update on a meta-batch. A non-finite loss or gradient leaves the parameters unchanged."""
         self.optimizer.zero_grad(set_to_none=True)
         losses, accs = [], []

@@ -20,6 +20,35 @@ class Task(NamedTuple):
         return Task(*(t.to(device, non_blocking=True) for t in self))
 
 
+class TaskBatch:
+    """A meta-batch of equally shaped tasks as stacked tensors (leading task dimension).
+
+    Iterating yields one `Task` per task (views), so per-task algorithms treat it like a list of tasks while
+    vectorized ones use the stacked tensors directly.
+    """
+
+    def __init__(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
+                 query_y: torch.Tensor):
+        self.support_x, self.support_y, self.query_x, self.query_y = support_x, support_y, query_x, query_y
+
+    @classmethod
+    def stack(cls, tasks) -> "TaskBatch":
+        return cls(*(torch.stack(field) for field in zip(*tasks)))
+
+    def __len__(self) -> int:
+        return self.support_x.shape[0]
+
+    def __getitem__(self, index: int) -> Task:
+        return Task(self.support_x[index], self.support_y[index], self.query_x[index], self.query_y[index])
+
+    def __iter__(self) -> Iterator[Task]:
+        return (self[i] for i in range(len(self)))
+
+    def to(self, device) -> "TaskBatch":
+        return TaskBatch(*(t.to(device, non_blocking=True) for t in
+                           (self.support_x, self.support_y, self.query_x, self.query_y)))
+
+
 @contextmanager
 def seeded_global_rng(seed: int) -> Iterator[None]:
     """Run a block under fixed Python/NumPy/torch RNG seeds, then restore the caller's streams.
@@ -45,6 +74,10 @@ class EpisodeSource(ABC):
     @abstractmethod
     def sample(self) -> Task:
         """One task from the global RNG stream (learn2learn's convention)."""
+
+    def sample_batch(self, num_tasks: int) -> TaskBatch:
+        """`num_tasks` tasks, the same ones `num_tasks` calls of `sample` would give; sources may do it faster."""
+        return TaskBatch.stack([self.sample() for _ in range(num_tasks)])
 
     def fixed_tasks(self, num_tasks: int, seed: int) -> list[Task]:
         """The same `num_tasks` tasks for the same seed, independent of the global RNG state."""
