@@ -45,7 +45,16 @@ def _main(cfg: DictConfig) -> float | None:
     from .train import StopRequested, run
 
     try:
-        row = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        output_dir = Path(HydraConfig.get().runtime.output_dir)
+        # ---- issue 4 hook: inner-step ablation instead of one run; report.md after a run -------------------
+        if cfg.get("ablation") is not None and cfg.ablation.get("enabled", False):
+            from .ablation import run_ablation
+            run_ablation(cfg, output_dir)
+            return None
+        row = run(cfg, output_dir)
+        if cfg.get("report") is not None and cfg.report.get("enabled", False):
+            _write_report(cfg, Path(row.get("run_dir") or output_dir), row)
+        # ---- end of issue 4 hook ------------------------------------------------------------------------
     except (UserError, StopRequested, OmegaConfBaseException) as exc:
         if isinstance(exc, StopRequested):
             exc.args = (f"{exc}; resume with: {resume_command(Path(exc.run_dir))}",)
@@ -56,6 +65,19 @@ def _main(cfg: DictConfig) -> float | None:
         _single_run_failure = exc
         return None
     return float(row["mean"])  # the sweep objective
+
+
+def _write_report(cfg: DictConfig, run_dir: Path, row: dict) -> None:
+    """report.md for a finished run; a failed plot is a warning, never a failed run."""
+    from .report import write_report
+    if not (run_dir / "results.csv").is_file():
+        return
+    try:
+        log.info("report: %s", write_report(cfg, run_dir, row))
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the results are written; a report problem must not hide them
+        log.warning("report.md not written: %s: %s", type(exc).__name__, exc)
 
 
 def _is_multirun() -> bool:

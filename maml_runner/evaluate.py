@@ -36,6 +36,11 @@ class EvalResult:
     def accuracy(self) -> tuple[float, float]:
         return mean_ci95(self.accuracies)
 
+    def task_rows(self) -> list[dict]:
+        """One row per task (index in the fixed test order, loss, accuracy): for paired comparisons."""
+        return [{"task": i, "loss": float(loss), "accuracy": float(acc)}
+                for i, (loss, acc) in enumerate(zip(self.losses, self.accuracies))]
+
     def summary(self, prefix: str) -> dict[str, float]:
         (loss, loss_ci), (acc, acc_ci) = self.loss, self.accuracy
         return {f"{prefix}_loss": loss, f"{prefix}_loss_ci95": loss_ci,

@@ -35,6 +35,10 @@ RESULT_COLUMNS = [*config_checks.RESULT_KEYS, "metric", "mean", "ci95", "test_lo
                   "train_seconds", "seconds_per_iteration", "peak_memory_mb", "device"]
 
 
+TEST_TASKS_FILE = "test_tasks.csv"
+TEST_TASKS_COLUMNS = ["task", "loss", "accuracy"]
+
+
 class StopRequested(Exception):
     """SIGINT/SIGTERM arrived; `last.pt` has been written. The CLI adds the command that resumes."""
 
@@ -260,6 +264,9 @@ class Trainer:
                "seconds_per_iteration": self.train_seconds / done, "peak_memory_mb": round(peak_memory_mb(self.device), 1),
                "device": str(self.device)}
         write_csv(self.run_dir / "results.csv", [row], RESULT_COLUMNS)
+        # Per-task values: paired comparisons between runs tested on the same tasks (eval.seed) need them.
+        write_csv(self.run_dir / TEST_TASKS_FILE, result.task_rows(), TEST_TASKS_COLUMNS)
+        row["run_dir"] = str(self.run_dir)  # not a CSV column: tells the CLI where a resumed run wrote its files
         return row
 
 
