@@ -164,6 +164,12 @@ def compare(table: list[dict], baseline: dict, swept: Sequence[str]) -> list[dic
     return rows
 
 
+def _label(run: str) -> str:
+    """Hydra job dirs are named '<num>_<all overrides>': the swept columns already say the rest."""
+    match = re.match(r"^(.*?)(\d+)_[^/]*=", run)
+    return f"{match.group(1)}{match.group(2)}" if match else run
+
+
 def _fmt(value, metric: str, scale_accuracy: bool = True) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -180,12 +186,12 @@ def markdown(table: list[dict], swept: Sequence[str], comparisons: list[dict], b
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table:
         m = row["metric"]
-        lines.append("| " + " | ".join([str(row["run"]), *[str(row.get(k)) for k in swept], str(m),
+        lines.append("| " + " | ".join([_label(str(row["run"])), *[str(row.get(k)) for k in swept], str(m),
                                         f"{_fmt(row['mean'], m)} ± {_fmt(row['ci95'], m)}",
                                         f"{_fmt(row['test_loss'], 'mse')}", str(row["n_tasks"]),
                                         str(row.get("iterations_done"))]) + " |")
     if baseline is not None and comparisons:
-        lines += ["", f"## Paired comparison against `{baseline['run']}`", "",
+        lines += ["", f"## Paired comparison against run {_label(str(baseline['run']))}", "",
                   "Difference = run − baseline per test task (same tasks: same dataset, eval.seed, eval.num_tasks); "
                   "95 % CI by bootstrap over tasks (10,000 resamples), p from a paired t-test.", ""]
         header = ["run", *swept, "metric", "difference", "95 % CI", "p", "significant"]
@@ -197,7 +203,8 @@ def markdown(table: list[dict], swept: Sequence[str], comparisons: list[dict], b
             else:
                 cells = [_fmt(row["diff"], m), f"[{_fmt(row['diff_ci95_low'], m)}, {_fmt(row['diff_ci95_high'], m)}]",
                          f"{row['p_value']:.3g}", "yes" if row["significant"] else "no"]
-            lines.append("| " + " | ".join([str(row["run"]), *[str(row.get(k)) for k in swept], m, *cells]) + " |")
+            lines.append("| " + " | ".join([_label(str(row["run"])), *[str(row.get(k)) for k in swept], m, *cells])
+                         + " |")
     return "\n".join(lines) + "\n"
 
 
