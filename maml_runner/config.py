@@ -15,12 +15,15 @@ POSITIVE_INTS = ["train.iterations", "train.meta_batch_size", "train.val_interva
                  "train.log_interval", "eval.num_tasks", "eval.meta_batch_size", "algorithm.inner_steps",
                  "eval.inner_steps", "dataset.shots", "dataset.query_shots", "dataset.ways"]
 NON_NEGATIVE_INTS = ["seed", "eval.seed"]
-POSITIVE_FLOATS = ["algorithm.inner_lr", "algorithm.outer_lr"]
-OPTIONAL_POSITIVE_INTS = ["hardware.threads"]
-OPTIONAL_POSITIVE_FLOATS = ["train.grad_clip"]
-BOOLS = ["algorithm.first_order", "hardware.deterministic"]
+POSITIVE_FLOATS = ["algorithm.inner_lr", "algorithm.outer_lr", "algorithm.meta_step_size", "algorithm.min_outer_lr"]
+FRACTIONS = ["algorithm.msl_fraction", "algorithm.first_order_fraction"]
+OPTIONAL_POSITIVE_INTS = ["hardware.threads", "algorithm.bn_steps"]
+OPTIONAL_POSITIVE_FLOATS = ["train.grad_clip", "algorithm.eval_inner_lr"]
+BOOLS = ["algorithm.first_order", "hardware.deterministic", "algorithm.multi_step_loss",
+         "algorithm.derivative_order_annealing", "algorithm.learned_step_rates", "algorithm.per_step_bn",
+         "algorithm.cosine_annealing"]
 CHOICES = {"train.nan_policy": ("stop", "skip"), "eval.checkpoint": ("best", "last"),
-           "hardware.vectorize": ("auto", "on", "off")}
+           "hardware.vectorize": ("auto", "on", "off"), "algorithm.inner_optimizer": ("sgd", "adam")}
 
 
 def _get(cfg: DictConfig, key: str, default=None):
@@ -83,6 +86,7 @@ def validate(cfg: DictConfig) -> None:
     _check_numbers(cfg, POSITIVE_INTS, int, "a positive integer (>= 1)", positive, optional=False)
     _check_numbers(cfg, NON_NEGATIVE_INTS, int, "an integer >= 0", non_negative, optional=False)
     _check_numbers(cfg, POSITIVE_FLOATS, float, "a positive number (> 0)", positive, optional=False)
+    _check_numbers(cfg, FRACTIONS, float, "a number in [0, 1]", lambda x: 0 <= x <= 1, optional=False)
     _check_numbers(cfg, OPTIONAL_POSITIVE_INTS, int, "a positive integer or null", positive, optional=True)
     _check_numbers(cfg, OPTIONAL_POSITIVE_FLOATS, float, "a positive number or null (off)", positive, optional=True)
     for key in BOOLS:

@@ -159,7 +159,7 @@ class Trainer:
         try:
             while self.iteration < total:
                 started = time.perf_counter()
-                tasks = self.sources["train"].sample_batch(batch).to(self.device)
+                tasks = self.algorithm.next_batch(self.sources["train"], batch).to(self.device)
                 stats = self.algorithm.train_step(tasks, self.iteration)
                 self.train_seconds += time.perf_counter() - started
                 self.iteration += 1
@@ -290,7 +290,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Trainer:
         sources["train"].write_split(run_dir / "omniglot_split.json")
     model = build_model(cfg.model, cfg.dataset).to(device)
     algorithm = build_algorithm(model, cfg.algorithm, sources["train"].task_type, int(cfg.train.iterations),
-                                grad_clip=cfg.train.get("grad_clip")).to(device)
+                                grad_clip=cfg.train.get("grad_clip"), train_source=sources["train"]).to(device)
     return Trainer(cfg, run_dir, algorithm, sources, device)
 
 

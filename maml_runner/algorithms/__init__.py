@@ -9,6 +9,12 @@ from .base import MetaAlgorithm
 # name -> "module:Class"; modules are imported on demand so one broken optional algorithm cannot break the rest.
 REGISTRY: dict[str, str] = {
     "maml": "maml:MAML",
+    "fomaml": "fomaml:FOMAML",
+    "reptile": "reptile:Reptile",
+    "anil": "anil:ANIL",
+    "metasgd": "metasgd:MetaSGD",
+    "mamlpp": "mamlpp:MAMLPlusPlus",
+    "pretrain": "pretrain:Pretrain",
 }
 
 
@@ -19,9 +25,12 @@ def algorithm_class(name: str) -> type[MetaAlgorithm]:
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
-def build_algorithm(model, algorithm_cfg, task_type: str, total_iterations: int, grad_clip=None) -> MetaAlgorithm:
+def build_algorithm(model, algorithm_cfg, task_type: str, total_iterations: int, grad_clip=None,
+                    train_source=None) -> MetaAlgorithm:
     algorithm = algorithm_class(str(algorithm_cfg.name))(model, algorithm_cfg, task_type, total_iterations)
     algorithm.grad_clip = grad_clip
+    if train_source is not None:
+        algorithm.bind_data(train_source)
     if algorithm.optimizer is None:
         algorithm.build_optimizer()
     return algorithm

@@ -6,6 +6,7 @@ so adding an algorithm means one module here plus one `conf/algorithm/<name>.yam
 """
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from typing import Callable
@@ -56,6 +57,15 @@ class MetaAlgorithm(nn.Module, ABC):
         predictions = learner(task.query_x)
         return self.loss_fn(predictions, task.query_y), self.metric(predictions, task.query_y)
 
+    # ---- data hooks (defaults fit every episodic meta-learner) ----------------------------------------------
+    def bind_data(self, train_source) -> None:
+        """Called once before the optimizer is built; algorithms that need facts about the data (e.g. the
+        number of training classes) take them here."""
+
+    def next_batch(self, train_source, meta_batch_size: int):
+        """The training batch of one iteration: a meta-batch of tasks unless the algorithm is not episodic."""
+        return train_source.sample_batch(meta_batch_size)
+
     # ---- shared machinery ------------------------------------------------------------------------------
     def build_optimizer(self) -> None:
         self.optimizer = torch.optim.Adam(self.parameters(), lr=float(self.cfg.outer_lr))
@@ -101,6 +111,22 @@ class MetaAlgorithm(nn.Module, ABC):
         with torch.no_grad():
             predictions = learner(task.query_x)
             return self.loss_fn(predictions, task.query_y).item(), self.metric(predictions, task.query_y)
+
+    def fine_tune(self, model: nn.Module, task: Task, steps: int, lr: float, optimizer: str = "sgd",
+                  betas=(0.9, 0.999), data=None) -> nn.Module:
+        """A copy of `model` trained for `steps` full-batch steps on the support set (or `data`)."""
+        learner = copy.deepcopy(model)
+        x, y = data if data is not None else (task.support_x, task.support_y)
+        if optimizer == "adam":
+            opt = torch.optim.Adam(learner.parameters(), lr=lr, betas=tuple(betas))
+        else:
+            opt = torch.optim.SGD(learner.parameters(), lr=lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                self.loss_fn(learner(x), y).backward()
+                opt.step()
+        return learner
 
     # ---- checkpoint hooks ------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:

@@ -79,6 +79,15 @@ class EpisodeSource(ABC):
         """`num_tasks` tasks, the same ones `num_tasks` calls of `sample` would give; sources may do it faster."""
         return TaskBatch.stack([self.sample() for _ in range(num_tasks)])
 
+    def pooled_batch(self, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Supervised samples (x, y) pooled from `num_tasks` tasks (the pre-training baseline's data). Labels must
+        mean the same thing in every task, so classification sources override this with global class labels."""
+        if self.task_type != "regression":
+            raise NotImplementedError(f"{type(self).__name__} has no global class labels to pool")
+        tasks = [self.sample() for _ in range(num_tasks)]
+        return (torch.cat([t.support_x for t in tasks] + [t.query_x for t in tasks]),
+                torch.cat([t.support_y for t in tasks] + [t.query_y for t in tasks]))
+
     def fixed_tasks(self, num_tasks: int, seed: int) -> list[Task]:
         """The same `num_tasks` tasks for the same seed, independent of the global RNG state."""
         return list(self.iter_fixed_tasks(num_tasks, seed))

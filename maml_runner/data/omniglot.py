@@ -282,6 +282,24 @@ class OmniglotTasks(EpisodeSource):
         ]
         self.task_dataset = l2l.data.TaskDataset(self.meta_dataset, task_transforms=transforms, num_tasks=-1)
         self.split_info: tuple | None = None  # (names, split, seed) for write_split
+        # Pre-training baseline: every (character, rotation) is one class, as rotations are classes in the tasks.
+        self.images = images
+        self.quarter_turns = [int(d) // 90 for d in degrees]
+        self.num_pooled_classes = self.num_classes * len(self.quarter_turns)
+        self._class_of_label = {label: i for i, label in enumerate(sorted(labels_to_indices))}
+
+    def pooled_batch(self, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As many images as `num_tasks` tasks hold, drawn uniformly, each randomly rotated; global labels."""
+        n = num_tasks * self.ways * (self.shots + self.query_shots)
+        indices = torch.randint(len(self.images), (n,))
+        turn_ids = torch.randint(len(self.quarter_turns), (n,))
+        x = self.images.images[indices].clone()
+        for turn_id, k in enumerate(self.quarter_turns):
+            chosen = turn_ids == turn_id
+            if k and bool(chosen.any()):
+                x[chosen] = torch.rot90(x[chosen], k, dims=(-2, -1))
+        classes = torch.tensor([self._class_of_label[self.images.labels[i]] for i in indices.tolist()])
+        return x, classes * len(self.quarter_turns) + turn_ids
 
     def sample(self) -> Task:
         x, y = self.task_dataset.sample()

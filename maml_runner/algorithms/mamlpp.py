@@ -1,0 +1,158 @@
+"""MAML++ (Antoniou et al. 2019, "How to train your MAML"): MAML plus five switches under `algorithm.*`, all on by
+default:
+
+- multi_step_loss (MSL): the meta-loss is a weighted sum of the query losses after every inner step; the weights
+  start uniform and anneal towards the last step over the first `msl_fraction` of training, then only the last
+  step counts.
+- derivative_order_annealing (DA): first-order meta-gradients for the first `first_order_fraction` of training,
+  second order afterwards.
+- learned_step_rates (LSLR): one learned inner learning rate per layer (parameter tensor) and inner step.
+- per_step_bn (BNRS + BNWB): every batch norm keeps its own running statistics and its own weight/bias per inner
+  step; these are learned in the outer loop only (the inner loop adapts conv/linear weights).
+- cosine_annealing (CA): the outer Adam lr follows a cosine from `outer_lr` to `min_outer_lr` over training.
+
+An inner step beyond those trained (e.g. 3 eval steps after 1-step training) reuses the last step's rates and batch
+norm. With `model.bn=running`, evaluation uses the per-step running statistics; otherwise batch statistics
+(transductive, as MAML).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ..data.base import Task
+from .base import MetaAlgorithm
+
+
+class PerStepBatchNorm(nn.Module):
+    """Batch norm with one weight/bias and one set of running statistics per inner step (`step` picks them)."""
+
+    def __init__(self, bn: nn.BatchNorm2d, steps: int):
+        super().__init__()
+        channels = bn.num_features
+        self.weight = nn.Parameter(bn.weight.detach().repeat(steps, 1))
+        self.bias = nn.Parameter(bn.bias.detach().repeat(steps, 1))
+        self.register_buffer("running_mean", torch.zeros(steps, channels))
+        self.register_buffer("running_var", torch.ones(steps, channels))
+        self.eps, self.momentum = bn.eps, bn.momentum if bn.momentum is not None else 0.1
+        self.use_running_stats = bn.track_running_stats  # model.bn=running
+        self.steps, self.step = steps, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        i = min(self.step, self.steps - 1)
+        if self.training or not self.use_running_stats:
+            mean, var = (self.running_mean[i], self.running_var[i]) if self.training else (None, None)
+            return F.batch_norm(x, mean, var, self.weight[i], self.bias[i], True, self.momentum, self.eps)
+        return F.batch_norm(x, self.running_mean[i], self.running_var[i], self.weight[i], self.bias[i], False,
+                            0.0, self.eps)
+
+
+def _replace_batch_norms(module: nn.Module, steps: int) -> list[PerStepBatchNorm]:
+    replaced = []
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, PerStepBatchNorm(child, steps))
+            replaced.append(getattr(module, name))
+        else:
+            replaced += _replace_batch_norms(child, steps)
+    return replaced
+
+
+class MAMLPlusPlus(MetaAlgorithm):
+    name = "mamlpp"
+
+    def __init__(self, model, cfg, task_type, total_iterations):
+        super().__init__(model, cfg, task_type, total_iterations)
+        self.train_steps = int(cfg.inner_steps)
+        steps = int(cfg.get("bn_steps") or self.train_steps)
+        self.per_step_bn = bool(cfg.get("per_step_bn", True))
+        self.batch_norms = _replace_batch_norms(model, steps) if self.per_step_bn else []
+        in_per_step_bn = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, PerStepBatchNorm)
+                          for p in ("weight", "bias")}
+        # The inner loop adapts everything except per-step batch-norm parameters (those are outer-loop only).
+        self.adapted = [n for n, _ in model.named_parameters() if n not in in_per_step_bn]
+        self.learned_step_rates = bool(cfg.get("learned_step_rates", True))
+        if self.learned_step_rates:
+            self.step_rates = nn.ParameterDict({
+                self._key(n): nn.Parameter(torch.full((self.train_steps,), float(cfg.inner_lr))) for n in self.adapted})
+        self.multi_step_loss = bool(cfg.get("multi_step_loss", True))
+        self.msl_iterations = float(cfg.get("msl_fraction", 0.1)) * self.total_iterations
+        annealing = bool(cfg.get("derivative_order_annealing", True))
+        self.first_order_iterations = float(cfg.get("first_order_fraction", 0.5)) * self.total_iterations \
+            if annealing else 0.0
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "__")  # ParameterDict keys cannot contain dots
+
+    # ---- schedules ---------------------------------------------------------------------------------------
+    def build_optimizer(self) -> None:
+        super().build_optimizer()
+        if bool(self.cfg.get("cosine_annealing", True)):
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.optimizer, T_max=max(self.total_iterations, 1), eta_min=float(self.cfg.get("min_outer_lr", 1e-5)))
+
+    def first_order_at(self, iteration: int | None) -> bool:
+        return iteration is None or bool(self.cfg.first_order) or iteration < self.first_order_iterations
+
+    def step_weights(self, iteration: int) -> list[float] | None:
+        """Antoniou et al.'s per-step loss importance at this iteration; None once only the last step counts."""
+        k = self.train_steps
+        if not self.multi_step_loss or k == 1 or iteration >= self.msl_iterations:
+            return None
+        progress, floor = iteration / self.msl_iterations, 0.03 / k
+        non_final = max(1.0 / k - progress / k, floor)
+        final = min(1.0 / k + progress * (k - 1) / k, 1.0 - (k - 1) * floor)
+        return [non_final] * (k - 1) + [final]
+
+    # ---- inner loop --------------------------------------------------------------------------------------
+    def inner_lr(self, name: str, step: int):
+        if self.learned_step_rates:
+            return self.step_rates[self._key(name)][min(step, self.train_steps - 1)]
+        return float(self.cfg.inner_lr)
+
+    def forward_at(self, params: dict, x: torch.Tensor, step: int) -> torch.Tensor:
+        for bn in self.batch_norms:
+            bn.step = step
+        return functional_call(self.model, params, (x,))
+
+    def inner_loop(self, task: Task, steps: int, iteration: int | None, query_each_step: bool = False):
+        """Adapted parameters after `steps` steps and, if asked, the query predictions after every step."""
+        second_order = not self.first_order_at(iteration)
+        named = dict(self.model.named_parameters())
+        params = {n: named[n] for n in self.adapted}
+        per_step = []
+        for step in range(steps):
+            loss = self.loss_fn(self.forward_at(params, task.support_x, step), task.support_y)
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=second_order)
+            params = {n: p - self.inner_lr(n, step) * g for (n, p), g in zip(params.items(), grads)}
+            if query_each_step:
+                per_step.append(self.forward_at(params, task.query_x, step))
+        return params, per_step
+
+    def adapt(self, task: Task, steps: int, iteration=None):
+        params, _ = self.inner_loop(task, steps, iteration)
+        last = max(steps - 1, 0)
+        return lambda x: self.forward_at(params, x, last)
+
+    def query_loss(self, task: Task, iteration: int):
+        weights = self.step_weights(iteration)
+        if weights is None:
+            return super().query_loss(task, iteration)
+        _, per_step = self.inner_loop(task, self.train_steps, iteration, query_each_step=True)
+        loss = sum(w * self.loss_fn(p, task.query_y) for w, p in zip(weights, per_step))
+        return loss, self.metric(per_step[-1], task.query_y)
+
+    def extra_scalars(self) -> dict[str, float]:
+        scalars = {}
+        if self.learned_step_rates:
+            with torch.no_grad():
+                rates = torch.stack(list(self.step_rates.values()))  # [parameters, steps]
+            scalars.update({f"inner_lr_step{i}": rates[:, i].mean().item() for i in range(rates.shape[1])})
+        if self.scheduler is not None:
+            scalars["outer_lr"] = self.optimizer.param_groups[0]["lr"]
+        return scalars

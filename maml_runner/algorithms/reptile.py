@@ -1,0 +1,56 @@
+"""Reptile (Nichol et al. 2018): train a copy of the model on each task for k steps, then move the
+initialization towards the adapted weights, theta <- theta + eps * mean_tasks(theta' - theta), with the meta step
+size eps annealed linearly to 0 over training.
+
+The inner loop trains on all of the task's data (support and query: Reptile has no query loss); evaluation adapts
+on the support set with plain SGD. `algorithm.meta_step_size` is eps; `outer_lr` is not used by Reptile.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..data.base import Task
+from .base import MetaAlgorithm
+
+
+class Reptile(MetaAlgorithm):
+    name = "reptile"
+
+    def __init__(self, model, cfg, task_type, total_iterations):
+        super().__init__(model, cfg, task_type, total_iterations)
+        self.inner_optimizer = str(cfg.get("inner_optimizer", "sgd"))
+        self.inner_betas = tuple(cfg.get("inner_betas", (0.0, 0.999)))
+        self.eval_lr = float(cfg.get("eval_inner_lr") or cfg.inner_lr)
+
+    def build_optimizer(self) -> None:
+        # SGD with lr eps on the pseudo-gradient (theta - mean theta') is exactly the Reptile step.
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=float(self.cfg.meta_step_size))
+        total = max(self.total_iterations, 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda t: max(0.0, 1.0 - t / total))
+
+    def adapt(self, task: Task, steps: int, iteration=None):
+        if iteration is None:  # evaluation: plain SGD on the support set
+            return self.fine_tune(self.model, task, steps, self.eval_lr)
+        data = (torch.cat([task.support_x, task.query_x]), torch.cat([task.support_y, task.query_y]))
+        return self.fine_tune(self.model, task, steps, float(self.cfg.inner_lr), self.inner_optimizer,
+                              self.inner_betas, data=data)
+
+    def train_step(self, tasks, iteration: int) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        initial = [p.detach().clone() for p in self.model.parameters()]
+        adapted_sum = [torch.zeros_like(p) for p in initial]
+        losses, accs = [], []
+        for task in tasks:
+            learner = self.adapt(task, int(self.cfg.inner_steps), iteration)
+            with torch.no_grad():  # the adapted model on the task's query set (what the logs call train loss)
+                predictions = learner(task.query_x)
+                losses.append(self.loss_fn(predictions, task.query_y).item())
+                accs.append(self.metric(predictions, task.query_y))
+            for total, p in zip(adapted_sum, learner.parameters()):
+                total += p.detach()
+        for p, theta, total in zip(self.model.parameters(), initial, adapted_sum):
+            p.grad = theta - total / len(tasks)
+        return self.finish_step(sum(losses) / len(losses), sum(accs) / len(accs), iteration)
+
+    def extra_scalars(self) -> dict[str, float]:
+        return {"meta_step_size": self.optimizer.param_groups[0]["lr"]}
