@@ -35,8 +35,9 @@ COLUMNS = ["train_steps", "eval_steps", "metric", "test_loss", "test_loss_ci95",
 
 def _steps(cfg: DictConfig, key: str, allow_empty: bool = False) -> list[int]:
     value = OmegaConf.select(cfg, key)
-    bad = UserError(f"{key}={OmegaConf.to_yaml(value).strip() if isinstance(value, (DictConfig, ListConfig)) else value}"
-                    f" is invalid: expected a list of distinct positive integers, e.g. {key}=[1,3,5]")
+    shown = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+    shown = "[" + ",".join(map(str, shown)) + "]" if isinstance(shown, list) else shown
+    bad = UserError(f"{key}={shown} is invalid: expected a list of distinct positive integers, e.g. {key}=[1,3,5]")
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, (ListConfig, list)) or (not value and not allow_empty):

@@ -49,7 +49,12 @@ def _main(cfg: DictConfig) -> float | None:
         # ---- issue 4 hook: inner-step ablation instead of one run; report.md after a run -------------------
         if cfg.get("ablation") is not None and cfg.ablation.get("enabled", False):
             from .ablation import run_ablation
-            run_ablation(cfg, output_dir)
+            try:
+                run_ablation(cfg, output_dir)
+            except StopRequested as exc:  # finished cells are reused: rerun the ablation in the same directory
+                exc.args = (f"{exc}; resume the ablation with: {rerun_command(output_dir)}",)
+                exc.resume_named = True
+                raise
             return None
         row = run(cfg, output_dir)
         if cfg.get("report") is not None and cfg.report.get("enabled", False):
@@ -57,7 +62,8 @@ def _main(cfg: DictConfig) -> float | None:
         # ---- end of issue 4 hook ------------------------------------------------------------------------
     except (UserError, StopRequested, OmegaConfBaseException) as exc:
         if isinstance(exc, StopRequested):
-            exc.args = (f"{exc}; resume with: {resume_command(Path(exc.run_dir))}",)
+            if not getattr(exc, "resume_named", False):
+                exc.args = (f"{exc}; resume with: {resume_command(Path(exc.run_dir))}",)
             if _is_multirun():
                 raise _StopSweep(exc) from None
         if _is_multirun():  # Hydra names the failed job, then `main` prints the one line
@@ -93,6 +99,12 @@ def resume_command(run_dir: Path) -> str:
     extra = (["train.resume=true", f"hydra.sweep.dir={hydra_cfg.sweep.dir}"] if multirun
              else [f"train.resume={run_dir}"])
     return " ".join(shlex.quote(arg) for arg in [PROG, *kept, *extra])
+
+
+def rerun_command(run_dir: Path) -> str:
+    """This command line, writing into `run_dir` again (an ablation reuses the cells finished there)."""
+    kept = [arg for arg in sys.argv[1:] if not arg.lstrip("+~").startswith(("train.resume=", "hydra.run.dir="))]
+    return " ".join(shlex.quote(arg) for arg in [PROG, *kept, f"hydra.run.dir={run_dir}"])
 
 
 def _known_keys() -> list[str]:
