@@ -39,7 +39,8 @@ def assert_one_line_error(result, expected: str, code: int = 2) -> str:
 
 # ---- through the CLI: what the user sees ---------------------------------------------------------------
 @pytest.mark.parametrize("overrides,expected", [
-    (["algorithm=foo"], re.escape("algorithm=foo is not an option; choose one of: maml")),
+    (["algorithm=foo"], re.escape("algorithm=foo is not an option; choose one of: anil, fomaml, maml, mamlpp, metasgd, "
+                                           "pretrain, reptile")),
     (["dataset=omniglot"], r"dataset=omniglot is not an option; choose one of: omniglot_20w1s, .*sinusoid"),
     (["train.iteratons=5"], re.escape("train.iteratons is not a config key; did you mean train.iterations? "
                                       "(maml-run --help lists them; +train.iteratons=... adds a new key)")),
