@@ -35,7 +35,7 @@ def _natural_key(path: Path):
 def find_runs(roots: Iterable[str | Path]) -> list[Path]:
     runs = set()
     for root in roots:
-        root = Path(root)
+        root = Path(root).resolve()  # relative sweep dirs (the usual multirun/...) and absolute ones alike
         if not root.exists():
             raise UserError(f"'{root}' does not exist; pass a sweep or run directory (e.g. multirun/<date>_<time>)")
         if (root / RESULTS).is_file():

@@ -88,6 +88,13 @@ def test_baseline_by_key_and_runs_not_on_the_same_tasks_are_not_paired(tmp_path)
         aggregate([tmp_path], baseline="algorithm=nope")
 
 
+def test_relative_directories_work(sweep, monkeypatch):
+    root, _ = sweep
+    monkeypatch.chdir(root.parent)
+    result = aggregate([root.name])
+    assert len(result["table"]) == 11 and (root / "aggregate.md").is_file()
+
+
 def test_no_results_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="no results.csv under"):
         aggregate([tmp_path])
