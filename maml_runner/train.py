@@ -20,6 +20,7 @@ from .checkpoint import (LAST, best_val_loss_on_disk, checkpoint_run_dir, config
                          find_resume_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .data import build_sources
 from .data.base import EpisodeSource
+from .data.fast_episodes import cached_episodes
 from .errors import CheckpointError, UserError
 from .evaluate import evaluate
 from .hardware import configure
@@ -286,11 +287,14 @@ def build(cfg: DictConfig, run_dir: Path) -> Trainer:
     config_checks.validate(cfg)
     device = configure(cfg.hardware, int(cfg.seed))
     sources = build_sources(cfg.dataset)
+    # Training meta-batches in one gather (same tasks as task-by-task sampling); validation/test stay as built.
+    sources["train"] = cached_episodes(sources["train"])
     if hasattr(sources["train"], "write_split"):
         sources["train"].write_split(run_dir / "omniglot_split.json")
     model = build_model(cfg.model, cfg.dataset).to(device)
     algorithm = build_algorithm(model, cfg.algorithm, sources["train"].task_type, int(cfg.train.iterations),
-                                grad_clip=cfg.train.get("grad_clip"), train_source=sources["train"]).to(device)
+                                grad_clip=cfg.train.get("grad_clip"), train_source=sources["train"],
+                                vectorize=str(cfg.hardware.get("vectorize", "auto"))).to(device)
     return Trainer(cfg, run_dir, algorithm, sources, device)
 
 

@@ -1,14 +1,20 @@
-"""MAML (Finn et al. 2017) through learn2learn's `MAML` wrapper; `first_order=true` drops second derivatives."""
+"""MAML (Finn et al. 2017) through learn2learn's `MAML` wrapper; `first_order=true` drops second derivatives.
+
+Training steps may instead adapt the whole meta-batch at once (algorithms/vectorized.py, hardware.vectorize):
+same meta-objective and meta-gradient, one pass over the batch instead of one learn2learn clone per task.
+"""
 from __future__ import annotations
 
 import learn2learn as l2l
 
-from ..data.base import Task
+from ..data.base import Task, TaskBatch
 from .base import MetaAlgorithm
+from .vectorized import adapt_and_query, use_vectorized
 
 
 class MAML(MetaAlgorithm):
     name = "maml"
+    vectorize = "auto"  # hardware.vectorize (set by build_algorithm)
 
     def __init__(self, model, cfg, task_type, total_iterations):
         super().__init__(model, cfg, task_type, total_iterations)
@@ -24,3 +30,21 @@ class MAML(MetaAlgorithm):
         for _ in range(steps):
             learner.adapt(self.loss_fn(learner(task.support_x), task.support_y))
         return learner
+
+    def vectorized_for(self, tasks) -> bool:
+        """Whether this meta-batch takes the vectorized path. Subclasses that change how a task is adapted or
+        scored keep the per-task loop, which runs their code."""
+        unchanged = type(self).adapt is MAML.adapt and type(self).query_loss is MetaAlgorithm.query_loss
+        return unchanged and isinstance(tasks, TaskBatch) and use_vectorized(self.vectorize, self.model, tasks)
+
+    def train_step(self, tasks: TaskBatch, iteration: int) -> dict[str, float]:
+        if not self.vectorized_for(tasks):
+            return super().train_step(tasks, iteration)
+        # The base loop's semantics: mean of the per-task query losses, mean per-task accuracy, finish_step.
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, predictions = adapt_and_query(self.model, tasks, float(self.maml.lr), int(self.cfg.inner_steps),
+                                              self.use_first_order(iteration), self.loss_fn)
+        losses.mean().backward()
+        # Equal query sizes: accuracy over the whole batch = mean of the per-task accuracies.
+        acc = self.metric(predictions.detach().flatten(0, 1), tasks.query_y.flatten(0, 1))
+        return self.finish_step(losses.detach().mean().item(), acc, iteration)
