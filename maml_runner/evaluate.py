@@ -1,6 +1,7 @@
 """Test-time evaluation: adapt to each held-out task, report mean and 95 % confidence interval."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -8,6 +9,8 @@ import numpy as np
 
 from .algorithms.base import MetaAlgorithm
 from .data.base import Task
+
+log = logging.getLogger(__name__)
 
 
 def mean_ci95(values) -> tuple[float, float]:
@@ -59,4 +62,9 @@ def evaluate(algorithm: MetaAlgorithm, tasks: list[Task], inner_steps: int, devi
             accs.append(acc)
     finally:
         algorithm.train(was_training)
-    return EvalResult(np.asarray(losses), np.asarray(accs))
+    losses = np.asarray(losses)
+    diverged = int((~np.isfinite(losses)).sum())
+    if diverged:  # the mean becomes nan: say why instead of leaving a bare nan in the tables
+        log.warning("%d of %d tasks gave a non-finite query loss after %d inner steps: adaptation diverged (inner "
+                    "learning rates too large for this many steps?)", diverged, losses.size, inner_steps)
+    return EvalResult(losses, np.asarray(accs))

@@ -87,6 +87,10 @@ class CachedEpisodes(EpisodeSource):
             return _planned_rotation(transform)
         raise Unsupported(f"task transform {type(transform).__name__} is not known to the fast sampler")
 
+    def pooled_batch(self, num_tasks: int):
+        # Defined on EpisodeSource, so __getattr__ would not forward it: the source knows the global labels.
+        return self.source.pooled_batch(num_tasks)
+
     def __getattr__(self, name):
         # Everything else (write_split, state_dict, ...) is the wrapped source's.
         if name == "source":

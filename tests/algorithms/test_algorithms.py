@@ -242,3 +242,16 @@ def test_every_algorithm_takes_a_finite_step_on_omniglot(name, model, fake_omnig
     assert any(not torch.equal(a, b) for a, b in zip(before, algo.model.parameters()))
     loss, acc = algo.evaluate_task(sources["test"].sample(), 3)
     assert math.isfinite(loss) and 0.0 <= acc <= 1.0
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_every_algorithm_runs_end_to_end_on_omniglot(name, fake_omniglot, tmp_path):
+    """Through `train.run` (the CLI's path: fast sampler, checkpoints, test) on the tiny Omniglot."""
+    from maml_runner.train import run
+    cfg = compose_config([f"algorithm={name}", "dataset=omniglot_5w1s", f"dataset.root={fake_omniglot}",
+                          "dataset.split=[6,3,3]", "dataset.ways=3", "model.hidden=8", "algorithm.inner_steps=2",
+                          "train.iterations=4", "train.val_interval=2", "train.val_tasks=3", "train.meta_batch_size=2",
+                          "eval.num_tasks=5", "hardware=cpu", "hardware.threads=1"])
+    row = run(cfg, tmp_path / "run")
+    assert row["algorithm.name"] == name and row["n_tasks"] == 5 and 0.0 <= row["mean"] <= 1.0
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
