@@ -57,10 +57,29 @@ def _fresh_running() -> dict:
     return {"loss": 0.0, "acc": 0.0, "grad_norm": 0.0, "n": 0}
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start this run's peak-memory count (sweep jobs share one process: the process-wide peak would carry over)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:  # Linux: "5" resets the resident-set high-water mark VmHWM
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak since `reset_peak_memory`: max allocated on CUDA, resident set size (VmHWM) on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # KiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; process-wide peak
 
 
 class Trainer:
@@ -286,6 +305,7 @@ def finished_results(cfg: DictConfig, run_dir: Path, checkpoint: Path) -> dict |
 def build(cfg: DictConfig, run_dir: Path) -> Trainer:
     config_checks.validate(cfg)
     device = configure(cfg.hardware, int(cfg.seed))
+    reset_peak_memory(device)
     sources = build_sources(cfg.dataset)
     # Training meta-batches in one gather (same tasks as task-by-task sampling); validation/test stay as built.
     sources["train"] = cached_episodes(sources["train"])

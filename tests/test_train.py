@@ -95,3 +95,20 @@ def test_maml_beats_an_untrained_model_with_the_same_budget(tmp_path):
     difference = paired_test_losses(meta_cfg, tmp_path / "maml") - paired_test_losses(flat_cfg, tmp_path / "none")
     mean, ci95 = mean_ci95(difference)
     assert mean + ci95 < 0, f"MAML minus untrained test MSE: {mean:.3f} ± {ci95:.3f}"
+
+
+def test_peak_memory_is_per_run_not_per_process(tmp_path):
+    """Sweep jobs run in one process: a big earlier job must not show up as the next job's peak."""
+    import os
+    from maml_runner.train import peak_memory_mb, reset_peak_memory
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("no /proc/self/clear_refs: peak memory falls back to the process-wide ru_maxrss")
+    block = bytearray(600 * 2**20)  # touched: counts in the resident set
+    block[:: 4096] = b"x" * len(block[:: 4096])
+    before = peak_memory_mb(torch.device("cpu"))
+    del block
+    reset_peak_memory(torch.device("cpu"))
+    cfg = compose_config(["train.iterations=4", "train.val_interval=2", "train.val_tasks=2", "train.meta_batch_size=2",
+                          "eval.num_tasks=4", "hardware=cpu", "hardware.threads=1"])
+    row = run(cfg, tmp_path / "run")
+    assert row["peak_memory_mb"] < before - 400, (row["peak_memory_mb"], before)
