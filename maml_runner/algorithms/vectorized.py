@@ -25,11 +25,11 @@ from ..data.base import TaskBatch
 
 VECTORIZE_MODES = ("auto", "on", "off")
 
-# hardware.vectorize=auto on CPU: vmap only while a task's images (support + query) are at most this many.
-# Measured with scripts/bench_speed.py on a 2-core CPU (docs/benchmarks.md): conv4 MAML is 3-5x faster under
-# vmap at 5w1s (10 images/task) and 20w1s (40), about even at 20w5s (200: large grouped convolutions, where the
-# per-task loop is as fast). On CUDA vmap wins at every size measured.
-CPU_MAX_IMAGES_PER_TASK = 100
+# hardware.vectorize=auto on CPU: vectorized only while a task's images (support + query) are at most this many.
+# Measured (docs/benchmarks.md, 2-core CPU, meta-batch 32, 1 thread): 5w1s (10 images/task) 1.4x (MAML) and
+# 1.8x (FOMAML) faster train step; 20w1s (40) 0.8-1.2x, about even; 20w5s (200) 0.4x: big grouped convolutions
+# are slower than the per-task loop there. Vectors (sinusoid) always: 7-14x. Other devices (CUDA): always.
+CPU_MAX_IMAGES_PER_TASK = 40
 
 
 def supports_vectorization(model: nn.Module) -> str | None:

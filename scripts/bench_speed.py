@@ -1,0 +1,253 @@
+"""Reference loop vs the runner's fast path, in one process, alternating, on identical meta-batches.
+
+Reference (learn2learn's example loop): every task sampled through the TaskDataset (`source.sample()`), one
+`l2l.algorithms.MAML.clone()` + adapt per task, `backward` per task, Adam step.
+Fast path (what `maml-run` does): the meta-batch sampled in one gather (`cached_episodes(source).sample_batch`)
+and the MAML/FOMAML `train_step` with hardware.vectorize (default auto).
+
+Both start from the same weights; each iteration seeds `random` identically before sampling, so both paths get
+the same tasks. Printed per case: s/iter (median, sampling included), ratio, peak memory, the relative difference
+of the first meta-gradient (float32) and of a float64 re-run of that meta-batch; last lines `SPEEDUP <case> <ratio>`.
+
+    .venv/bin/python scripts/bench_speed.py --threads 1        # ~5 min on a 2-core CPU
+    .venv/bin/python scripts/bench_speed.py --iterations 3 --cases maml_5w1s fomaml_5w1s --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import learn2learn as l2l  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from maml_runner.algorithms import build_algorithm  # noqa: E402
+from maml_runner.algorithms.vectorized import use_vectorized  # noqa: E402
+from maml_runner.data.base import TaskBatch  # noqa: E402
+from maml_runner.data.fast_episodes import cached_episodes  # noqa: E402
+from maml_runner.data.omniglot import CharacterImages, OmniglotTasks, build_omniglot  # noqa: E402
+from maml_runner.data.sinusoid import SinusoidTasks  # noqa: E402
+from maml_runner.models import MLP, Conv4  # noqa: E402
+
+# case -> (dataset, ways, shots, query_shots, inner_lr); Finn et al. 2017 settings, 1 inner step, meta-batch 32.
+DATASETS = {"5w1s": ("omniglot", 5, 1, 1, 0.4), "20w1s": ("omniglot", 20, 1, 1, 0.1),
+            "sinusoid": ("sinusoid", 1, 10, 10, 0.01)}
+ALL_CASES = [f"{a}_{d}" for d in DATASETS for a in ("maml", "fomaml")]
+
+
+# ---- memory ----------------------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator stats, or on CPU the process RSS sampled every ms
+    (glibc told to return large blocks at once, so RSS follows what is allocated)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb = device, 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.base = self.peak = _rss()
+            self.running = True
+            self.thread = threading.Thread(target=self._watch, daemon=True)
+            self.thread.start()
+        return self
+
+    def _watch(self):
+        while self.running:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak_mb = (max(self.peak, _rss()) - self.base) / 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _return_freed_memory() -> None:
+    try:  # M_MMAP_THRESHOLD = -3: blocks above 64 KiB are mmapped, so freeing them lowers RSS at once
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)
+    except OSError:
+        pass
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+def omniglot_sources(ways, shots, query, root: Path, notes: list):
+    cfg = OmegaConf.create(dict(root=str(root), ways=ways, shots=shots, query_shots=query, image_size=28,
+                                split=[1100, 100, 423], split_seed=1, rotations=[0, 90, 180, 270], cache_dir=None,
+                                download=False))
+    if (root / "images_background.zip").exists() or (root / "images_background").is_dir():
+        return build_omniglot(cfg)["train"]
+    if not notes:
+        notes.append(f"NOTE: no Omniglot under {root}: using a SYNTHETIC image tensor (1100 random characters x 20);"
+                     f" timings are representative, accuracies meaningless")
+    generator = torch.Generator().manual_seed(0)
+    images = (torch.rand(1100 * 20, 1, 28, 28, generator=generator) > 0.8).to(torch.uint8) * 255
+    labels = torch.arange(1100).repeat_interleave(20)
+    return OmniglotTasks(CharacterImages(images, labels), ways, shots, query)
+
+
+# ---- the two paths ---------------------------------------------------------------------------------------------
+def reference_iteration(source, maml, optimizer, loss_fn, batch, steps, device, dtype):
+    """learn2learn's loop: sample and adapt task by task."""
+    optimizer.zero_grad(set_to_none=True)
+    for _ in range(batch):
+        support_x, support_y, query_x, query_y = (t.to(device) for t in source.sample())
+        support_x, query_x = support_x.to(dtype), query_x.to(dtype)
+        if loss_fn is F.mse_loss:
+            support_y, query_y = support_y.to(dtype), query_y.to(dtype)
+        learner = maml.clone()
+        for _ in range(steps):
+            learner.adapt(loss_fn(learner(support_x), support_y))
+        (loss_fn(learner(query_x), query_y) / batch).backward()
+    gradients = [p.grad.detach().clone() for p in maml.module.parameters()]
+    optimizer.step()
+    return gradients
+
+
+def fast_iteration(fast_source, algorithm, batch, device, dtype):
+    tasks = fast_source.sample_batch(batch).to(device)
+    if dtype != torch.float32:
+        tasks = _cast(tasks, dtype)
+    algorithm.train_step(tasks, iteration=0)
+    return [p.grad.detach().clone() for p in algorithm.model.parameters()], tasks
+
+
+def _cast(tasks: TaskBatch, dtype) -> TaskBatch:
+    regression = tasks.support_y.is_floating_point()
+    return TaskBatch(tasks.support_x.to(dtype), tasks.support_y.to(dtype) if regression else tasks.support_y,
+                     tasks.query_x.to(dtype), tasks.query_y.to(dtype) if regression else tasks.query_y)
+
+
+def relative_difference(a, b) -> float:
+    num = sum(float((x - y).double().pow(2).sum()) for x, y in zip(a, b))
+    den = sum(float(x.double().pow(2).sum()) for x in a)
+    return (num / den) ** 0.5
+
+
+def build_case(case, root, notes, device, dtype, vectorize):
+    algorithm_name, dataset = case.split("_", 1)
+    kind, ways, shots, query, inner_lr = DATASETS[dataset]
+    if kind == "omniglot":
+        source = omniglot_sources(ways, shots, query, root, notes)
+        model = Conv4(ways)
+    else:
+        source, model = SinusoidTasks(shots, query), MLP()
+    cfg = OmegaConf.create(dict(name=algorithm_name, inner_lr=inner_lr, inner_steps=1, outer_lr=0.001,
+                                first_order=algorithm_name == "fomaml"))
+    task_type = source.task_type
+    model = model.to(device=device, dtype=dtype)
+    reference_model = copy.deepcopy(model)
+    algorithm = build_algorithm(model, cfg, task_type, 100, vectorize=vectorize).to(device)
+    maml = l2l.algorithms.MAML(reference_model, lr=inner_lr, first_order=algorithm_name == "fomaml")
+    optimizer = torch.optim.Adam(maml.parameters(), lr=0.001)
+    loss_fn = F.mse_loss if task_type == "regression" else F.cross_entropy
+    return source, cached_episodes(source), algorithm, maml, optimizer, loss_fn
+
+
+def run_case(case, args, root, notes, device) -> float:
+    batch, steps = args.meta_batch, 1
+    source, fast_source, algorithm, maml, optimizer, loss_fn = build_case(
+        case, root, notes, device, torch.float32, args.vectorize)
+    times = {"reference": [], "fast": []}
+    memory = {"reference": 0.0, "fast": 0.0}
+    first_difference, path = None, None
+    for iteration in range(args.iterations + 1):  # iteration 0 warms up (not timed)
+        seed = 1000 + iteration
+        order = ("reference", "fast") if iteration % 2 == 0 else ("fast", "reference")
+        gradients = {}
+        for name in order:
+            random.seed(seed)  # both paths draw the same tasks
+            with PeakMemory(device) as peak:
+                started = time.perf_counter()
+                if name == "reference":
+                    gradients[name] = reference_iteration(source, maml, optimizer, loss_fn, batch, steps, device,
+                                                          torch.float32)
+                else:
+                    gradients[name], tasks = fast_iteration(fast_source, algorithm, batch, device, torch.float32)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                elapsed = time.perf_counter() - started
+            memory[name] = max(memory[name], peak.peak_mb)
+            if iteration:
+                times[name].append(elapsed)
+        if iteration == 0:  # same starting weights: the meta-gradients must agree
+            first_difference = relative_difference(gradients["reference"], gradients["fast"])
+            path = "vectorized" if algorithm.vectorized_for(tasks) else "per-task loop"
+    float64_difference = float64_check(case, root, notes, device, args)
+    reference, fast = statistics.median(times["reference"]), statistics.median(times["fast"])
+    ratio = reference / fast
+    print(f"{case:16s} reference {reference:7.3f} s/iter  fast {fast:7.3f} s/iter  ratio {ratio:5.2f}  "
+          f"peak MB ref {memory['reference']:7.1f} fast {memory['fast']:7.1f}  fast path: {path}  "
+          f"grad rel diff f32 {first_difference:.1e} f64 {float64_difference:.1e}", flush=True)
+    return ratio
+
+
+def float64_check(case, root, notes, device, args) -> float:
+    """One meta-batch in float64 through both paths from the same weights (the <= 1e-4 criterion)."""
+    source, fast_source, algorithm, maml, optimizer, loss_fn = build_case(
+        case, root, notes, device, torch.float64, args.vectorize)
+    random.seed(99)
+    reference = reference_iteration(source, maml, optimizer, loss_fn, args.check_tasks, 1, device, torch.float64)
+    random.seed(99)
+    fast, _ = fast_iteration(fast_source, algorithm, args.check_tasks, device, torch.float64)
+    return relative_difference(reference, fast)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=ALL_CASES, choices=ALL_CASES)
+    parser.add_argument("--iterations", type=int, default=3, help="timed iterations per path and case")
+    parser.add_argument("--meta-batch", type=int, default=32)
+    parser.add_argument("--check-tasks", type=int, default=8, help="tasks in the float64 gradient check")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--vectorize", default="auto", choices=("auto", "on", "off"))
+    parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _return_freed_memory()
+    device = torch.device(args.device)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    print(f"device {name} | torch {torch.__version__} | threads {torch.get_num_threads()} | load average {load:.2f}"
+          f" | meta-batch {args.meta_batch}, 1 inner step, {args.iterations} timed iterations per path (median)"
+          f" | hardware.vectorize={args.vectorize}", flush=True)
+    notes: list = []
+    ratios = {}
+    for case in args.cases:
+        ratios[case] = run_case(case, args, Path(args.root), notes, device)
+        if notes and notes[0]:
+            print(notes[0], flush=True)
+            notes[0] = ""
+    for case, ratio in ratios.items():
+        print(f"SPEEDUP {case} {ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
