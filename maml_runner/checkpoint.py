@@ -41,11 +41,13 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    # A checkpoint loaded with map_location=<cuda device> (Trainer.resume) holds these states as CUDA tensors; the
+    # generators only take CPU byte tensors ("RNG state must be a torch.ByteTensor").
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.random.set_rng_state(state["torch"])
+    torch.random.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> Path:

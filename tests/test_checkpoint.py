@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import compose_config, run_cli
-from maml_runner.checkpoint import VERSION, load_checkpoint, save_checkpoint
+from maml_runner.checkpoint import VERSION, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from maml_runner.errors import CheckpointError
 from maml_runner.io import atomic_write, read_csv, write_csv
 from maml_runner.train import build, run
@@ -95,6 +95,20 @@ def test_checkpoint_from_a_newer_format_is_refused(tmp_path):
     torch.save(payload, tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match=rf"has format version {VERSION + 1}, newer than"):
         load_checkpoint(tmp_path / "x.pt")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rng_state_from_a_checkpoint_loaded_onto_cuda_is_restored(tmp_path):
+    """Trainer.resume loads checkpoints with map_location=<device>: on CUDA the saved RNG states arrive as CUDA
+    tensors, which the generators refuse unless they go back to the CPU (resume on CUDA failed on this)."""
+    import random
+    torch.cuda.init()
+    save_checkpoint(tmp_path / "c.pt", {"rng": rng_state()})
+    draws = lambda: (random.random(), torch.rand(3), torch.rand(3, device="cuda").cpu())  # noqa: E731
+    expected = draws()
+    set_rng_state(load_checkpoint(tmp_path / "c.pt", map_location="cuda")["rng"])
+    again = draws()
+    assert expected[0] == again[0] and torch.equal(expected[1], again[1]) and torch.equal(expected[2], again[2])
 
 
 def test_checkpoint_of_another_model_does_not_fit(finished, tmp_path):
