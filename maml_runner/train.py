@@ -90,7 +90,8 @@ class Trainer:
         self.iteration = 0
         self.best_val_loss = math.inf
         self.metrics_rows: list[dict] = []
-        self.train_seconds = 0.0
+        self.train_seconds = 0.0  # time in training steps (s/iter)
+        self.wall_seconds = 0.0   # the training loop's wall-clock time, validation included (train.max_minutes)
         self.running = _fresh_running()
         self.consecutive_skips = 0
         self.last_checkpoint_iteration: int | None = None  # named when training has to stop on NaN
@@ -104,7 +105,8 @@ class Trainer:
         return {"algorithm": self.algorithm.checkpoint_state(), "iteration": self.iteration,
                 "best_val_loss": self.best_val_loss, "metrics_rows": self.metrics_rows,
                 "running": dict(self.running), "consecutive_skips": self.consecutive_skips,
-                "train_seconds": self.train_seconds, "rng": rng_state(), "samplers": samplers,
+                "train_seconds": self.train_seconds,
+                "wall_seconds": self.wall_seconds, "rng": rng_state(), "samplers": samplers,
                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
 
     def save(self, name: str) -> Path:
@@ -134,6 +136,7 @@ class Trainer:
             self.iteration = self.last_checkpoint_iteration = int(state["iteration"])
             self.metrics_rows = list(state["metrics_rows"])
             self.train_seconds = float(state["train_seconds"])
+            self.wall_seconds = float(state.get("wall_seconds", self.train_seconds))
             self.running = dict(state.get("running") or _fresh_running())
             self.consecutive_skips = int(state.get("consecutive_skips", 0))
             set_rng_state(state["rng"])
@@ -176,8 +179,15 @@ class Trainer:
         batch = int(cfg.meta_batch_size)
         progress = tqdm(total=total, initial=self.iteration, desc=f"{self.algorithm.name}", unit="it",
                         dynamic_ncols=True, mininterval=1.0, disable=None)
+        budget = cfg.get("max_minutes")
+        budget_seconds = math.inf if budget is None else 60 * float(budget)
+        wall_started, wall_before = time.perf_counter(), self.wall_seconds
         try:
             while self.iteration < total:
+                self.wall_seconds = wall_before + time.perf_counter() - wall_started
+                if self.wall_seconds >= budget_seconds:
+                    self._stop_at_time_budget(val_tasks, writer, budget, total)
+                    break
                 started = time.perf_counter()
                 tasks = self.algorithm.next_batch(self.sources["train"], batch).to(self.device)
                 stats = self.algorithm.train_step(tasks, self.iteration)
@@ -213,6 +223,13 @@ class Trainer:
             writer.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def _stop_at_time_budget(self, val_tasks, writer, budget, total) -> None:
+        """train.max_minutes reached: validate the state reached (unless just done) so best/last hold it."""
+        if not self.metrics_rows or self.metrics_rows[-1]["iteration"] != self.iteration:
+            self._validate(val_tasks, self.running, writer)
+        log.info("train.max_minutes=%s reached after %.0f s at iteration %d/%d: stopping training", budget,
+                 self.wall_seconds, self.iteration, total)
 
     def _last_good_checkpoint(self) -> str:
         """The newest checkpoint on disk whose validation loss was finite (the state to go back to)."""

@@ -9,7 +9,8 @@ Both start from the same weights; each iteration seeds `random` identically befo
 the same tasks. Printed per case: s/iter (median, sampling included), ratio, peak memory, the relative difference
 of the first meta-gradient (float32) and of a float64 re-run of that meta-batch; last lines `SPEEDUP <case> <ratio>`.
 
-    .venv/bin/python scripts/bench_speed.py --threads 1        # ~5 min on a 2-core CPU
+    .venv/bin/python scripts/bench_speed.py --iterations 5      # ~5 min on a 2-core CPU
+    .venv/bin/python scripts/bench_speed.py --cases maml_5w1s --profile   # where the time goes (torch.profiler)
     .venv/bin/python scripts/bench_speed.py --iterations 3 --cases maml_5w1s fomaml_5w1s --device cuda
 """
 from __future__ import annotations
@@ -61,6 +62,7 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            _trim_heap()  # memory freed earlier but kept by malloc would otherwise hide this block's growth
             self.base = self.peak = _rss()
             self.running = True
             self.thread = threading.Thread(target=self._watch, daemon=True)
@@ -85,6 +87,13 @@ class PeakMemory:
 def _rss() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim_heap() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _return_freed_memory() -> None:
@@ -151,6 +160,7 @@ def relative_difference(a, b) -> float:
 def build_case(case, root, notes, device, dtype, vectorize):
     algorithm_name, dataset = case.split("_", 1)
     kind, ways, shots, query, inner_lr = DATASETS[dataset]
+    torch.manual_seed(0)  # same initial weights in every run of the script (the f32 differences depend on them)
     if kind == "omniglot":
         source = omniglot_sources(ways, shots, query, root, notes)
         model = Conv4(ways)
@@ -168,12 +178,13 @@ def build_case(case, root, notes, device, dtype, vectorize):
     return source, cached_episodes(source), algorithm, maml, optimizer, loss_fn
 
 
-def run_case(case, args, root, notes, device) -> float:
+def run_case(case, args, root, notes, device):
+    """Time both paths (no memory watcher running: its polling thread and the malloc setting it needs slow both
+    paths down); peak memory is measured afterwards by `measure_memory`."""
     batch, steps = args.meta_batch, 1
-    source, fast_source, algorithm, maml, optimizer, loss_fn = build_case(
+    source, fast_source, algorithm, maml, optimizer, loss_fn = state = build_case(
         case, root, notes, device, torch.float32, args.vectorize)
     times = {"reference": [], "fast": []}
-    memory = {"reference": 0.0, "fast": 0.0}
     first_difference, path = None, None
     for iteration in range(args.iterations + 1):  # iteration 0 warms up (not timed)
         seed = 1000 + iteration
@@ -181,19 +192,12 @@ def run_case(case, args, root, notes, device) -> float:
         gradients = {}
         for name in order:
             random.seed(seed)  # both paths draw the same tasks
-            with PeakMemory(device) as peak:
-                started = time.perf_counter()
-                if name == "reference":
-                    gradients[name] = reference_iteration(source, maml, optimizer, loss_fn, batch, steps, device,
-                                                          torch.float32)
-                else:
-                    gradients[name], tasks = fast_iteration(fast_source, algorithm, batch, device, torch.float32)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - started
-            memory[name] = max(memory[name], peak.peak_mb)
+            started = time.perf_counter()
+            gradients[name], tasks = run_path(name, state, batch, steps, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             if iteration:
-                times[name].append(elapsed)
+                times[name].append(time.perf_counter() - started)
         if iteration == 0:  # same starting weights: the meta-gradients must agree
             first_difference = relative_difference(gradients["reference"], gradients["fast"])
             path = "vectorized" if algorithm.vectorized_for(tasks) else "per-task loop"
@@ -201,9 +205,46 @@ def run_case(case, args, root, notes, device) -> float:
     reference, fast = statistics.median(times["reference"]), statistics.median(times["fast"])
     ratio = reference / fast
     print(f"{case:16s} reference {reference:7.3f} s/iter  fast {fast:7.3f} s/iter  ratio {ratio:5.2f}  "
-          f"peak MB ref {memory['reference']:7.1f} fast {memory['fast']:7.1f}  fast path: {path}  "
-          f"grad rel diff f32 {first_difference:.1e} f64 {float64_difference:.1e}", flush=True)
-    return ratio
+          f"fast path: {path}  grad rel diff f32 {first_difference:.1e} f64 {float64_difference:.1e}", flush=True)
+    return ratio, state
+
+
+def run_path(name, state, batch, steps, device):
+    source, fast_source, algorithm, maml, optimizer, loss_fn = state
+    if name == "reference":
+        return reference_iteration(source, maml, optimizer, loss_fn, batch, steps, device, torch.float32), None
+    return fast_iteration(fast_source, algorithm, batch, device, torch.float32)
+
+
+def profile_case(case, state, args, device, rows=8) -> None:
+    """torch.profiler over 3 iterations per path: the top ops by self time and the convolutions' share of it,
+    i.e. how much of each path is FLOPs that vectorizing cannot remove."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for name in ("reference", "fast"):
+        with profile(activities=activities) as prof:
+            for iteration in range(3):
+                random.seed(7000 + iteration)
+                run_path(name, state, args.meta_batch, 1, device)
+        events = prof.key_averages()
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        total = sum(getattr(e, key) for e in events) / 3e3
+        conv = sum(getattr(e, key) for e in events if "conv" in e.key) / 3e3
+        print(f"PROFILE {case} {name}: {total:.1f} ms/iter of op self time, convolution ops {conv:.1f} ms "
+              f"({100 * conv / max(total, 1e-9):.0f} %)", flush=True)
+        print(events.table(sort_by=key, row_limit=rows), flush=True)
+
+
+def measure_memory(case, state, args, device) -> None:
+    """One more iteration per path with the peak-memory watcher (after all timings: see run_case)."""
+    peaks = {}
+    for name in ("reference", "fast"):
+        random.seed(5000)
+        with PeakMemory(device) as peak:
+            run_path(name, state, args.meta_batch, 1, device)
+        peaks[name] = peak.peak_mb
+    print(f"{case:16s} peak MB above the process's level: reference {peaks['reference']:7.1f}  "
+          f"fast {peaks['fast']:7.1f}", flush=True)
 
 
 def float64_check(case, root, notes, device, args) -> float:
@@ -226,11 +267,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--vectorize", default="auto", choices=("auto", "on", "off"))
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables per case")
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    _return_freed_memory()
     device = torch.device(args.device)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
@@ -238,12 +279,18 @@ def main(argv=None) -> int:
           f" | meta-batch {args.meta_batch}, 1 inner step, {args.iterations} timed iterations per path (median)"
           f" | hardware.vectorize={args.vectorize}", flush=True)
     notes: list = []
-    ratios = {}
+    ratios, states = {}, {}
     for case in args.cases:
-        ratios[case] = run_case(case, args, Path(args.root), notes, device)
+        ratios[case], states[case] = run_case(case, args, Path(args.root), notes, device)
         if notes and notes[0]:
             print(notes[0], flush=True)
             notes[0] = ""
+    if args.profile:
+        for case in args.cases:
+            profile_case(case, states[case], args, device)
+    _return_freed_memory()  # from here on RSS follows what is allocated (slower; nothing is timed any more)
+    for case in args.cases:
+        measure_memory(case, states[case], args, device)
     for case, ratio in ratios.items():
         print(f"SPEEDUP {case} {ratio:.2f}")
     return 0

@@ -89,7 +89,10 @@ def _relative(a, b) -> float:
 
 @pytest.mark.parametrize("cls,first_order,steps", [(MAML, False, 1), (MAML, False, 2), (MAML, True, 2),
                                                    (FOMAML, False, 1)])
-def test_vectorized_meta_gradient_equals_per_task_loop_conv4(omniglot, cls, first_order, steps):
+@pytest.mark.parametrize("images_per_chunk", [10_000, 12, 1])  # 4 tasks of 6 images: 1, 2 and 4 chunks
+def test_vectorized_meta_gradient_equals_per_task_loop_conv4(omniglot, cls, first_order, steps, images_per_chunk,
+                                                             monkeypatch):
+    monkeypatch.setattr(vectorized, "CPU_IMAGES_PER_CHUNK", images_per_chunk)
     random.seed(3)
     tasks = cached_episodes(omniglot["train"]).sample_batch(4)
     tasks = TaskBatch(tasks.support_x.double(), tasks.support_y, tasks.query_x.double(), tasks.query_y)
@@ -97,6 +100,7 @@ def test_vectorized_meta_gradient_equals_per_task_loop_conv4(omniglot, cls, firs
     model = Conv4(3, hidden=8).double()
     ref_stats, reference = _meta_gradient(cls, model, tasks, "classification", 0.4, steps, first_order, "off")
     fast_stats, fast = _meta_gradient(cls, model, tasks, "classification", 0.4, steps, first_order, "on")
+    assert len(vectorized.task_chunks(tasks)) == {10_000: 1, 12: 2, 1: 4}[images_per_chunk]
     assert _relative(reference, fast) < 1e-10  # float64: the same computation up to rounding
     assert fast_stats["loss"] == pytest.approx(ref_stats["loss"], rel=1e-10)
     assert fast_stats["acc"] == pytest.approx(ref_stats["acc"])

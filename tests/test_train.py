@@ -112,3 +112,24 @@ def test_peak_memory_is_per_run_not_per_process(tmp_path):
                           "eval.num_tasks=4", "hardware=cpu", "hardware.threads=1"])
     row = run(cfg, tmp_path / "run")
     assert row["peak_memory_mb"] < before - 400, (row["peak_memory_mb"], before)
+
+
+def test_max_minutes_stops_training_then_tests_the_state_reached(tmp_path):
+    cfg = compose_config(["train.iterations=1000000", "train.max_minutes=0.02", "train.val_interval=1000",
+                          "train.val_tasks=4", "train.meta_batch_size=2", "eval.num_tasks=8", "hardware=cpu",
+                          "hardware.threads=1"])
+    row = run(cfg, tmp_path)
+    done = int(row["iterations_done"])
+    assert 0 < done < 1000000
+    # the state reached was validated (so best.pt/last.pt hold it) even though it is not on the 1000-grid
+    assert int(read_csv(tmp_path / "metrics.csv")[-1]["iteration"]) == done
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == done
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["wall_seconds"] >= 0.02 * 60
+    assert math.isfinite(row["mean"]) and int(read_csv(tmp_path / "results.csv")[0]["n_tasks"]) == 8
+
+
+def test_max_minutes_must_be_positive():
+    from maml_runner.config import validate
+    from maml_runner.errors import UserError
+    with pytest.raises(UserError, match=r"train.max_minutes=0 is invalid: expected a positive number or null"):
+        validate(compose_config(["train.max_minutes=0"]))

@@ -44,6 +44,10 @@ class TaskBatch:
     def __iter__(self) -> Iterator[Task]:
         return (self[i] for i in range(len(self)))
 
+    def slice(self, start: int, stop: int) -> "TaskBatch":
+        return TaskBatch(self.support_x[start:stop], self.support_y[start:stop], self.query_x[start:stop],
+                         self.query_y[start:stop])
+
     def to(self, device) -> "TaskBatch":
         return TaskBatch(*(t.to(device, non_blocking=True) for t in
                            (self.support_x, self.support_y, self.query_x, self.query_y)))
