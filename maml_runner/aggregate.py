@@ -24,7 +24,7 @@ RESULTS, TEST_TASKS = "results.csv", "test_tasks.csv"
 # Overrides that say where things are, not what was run.
 IGNORED_OVERRIDES = ("hydra.", "hydra/", "dataset.root", "train.resume", "dataset.cache_dir")
 METRIC_COLUMNS = ["metric", "mean", "ci95", "test_loss", "test_loss_ci95", "test_accuracy", "test_accuracy_ci95",
-                  "n_tasks", "iterations_done", "train_seconds", "seconds_per_iteration"]
+                  "n_tasks", "iterations_done", "train_seconds", "seconds_per_iteration", "peak_memory_mb"]
 
 
 def _natural_key(path: Path):
@@ -182,14 +182,15 @@ def markdown(table: list[dict], swept: Sequence[str], comparisons: list[dict], b
     lines = ["# Aggregated results", "",
              f"{len(table)} runs; swept keys: {', '.join(swept) or 'none'}. Accuracy in %, MSE as is; ± is the 95 % CI "
              f"over test tasks (1.96·std/√n).", ""]
-    header = ["run", *swept, "metric", "mean ± ci95", "test loss", "n_tasks", "iterations"]
+    header = ["run", *swept, "metric", "mean ± ci95", "test loss", "n_tasks", "iterations", "s/iter", "peak MB"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table:
         m = row["metric"]
         lines.append("| " + " | ".join([_label(str(row["run"])), *[str(row.get(k)) for k in swept], str(m),
                                         f"{_fmt(row['mean'], m)} ± {_fmt(row['ci95'], m)}",
                                         f"{_fmt(row['test_loss'], 'mse')}", str(row["n_tasks"]),
-                                        str(row.get("iterations_done"))]) + " |")
+                                        str(row.get("iterations_done")), _fmt(row.get("seconds_per_iteration"), ""),
+                                        _fmt(row.get("peak_memory_mb"), "")]) + " |")
     if baseline is not None and comparisons:
         lines += ["", f"## Paired comparison against run {_label(str(baseline['run']))}", "",
                   "Difference = run − baseline per test task (same tasks: same dataset, eval.seed, eval.num_tasks); "

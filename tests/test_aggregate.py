@@ -23,7 +23,7 @@ def fake_run(run_dir, overrides: dict, per_task_acc, algorithm="maml", inner_ste
                 "dataset.query_shots": 1, "algorithm.inner_steps": inner_steps, "metric": "accuracy",
                 "mean": acc.mean(), "ci95": 0.01, "test_loss": 1 - acc.mean(), "test_loss_ci95": 0.01,
                 "test_accuracy": acc.mean(), "test_accuracy_ci95": 0.01, "n_tasks": acc.size,
-                "iterations_done": 10})
+                "iterations_done": 10, "seconds_per_iteration": 0.25, "peak_memory_mb": 512.5})
     write_csv(run_dir / "results.csv", [row], RESULT_COLUMNS)
     write_csv(run_dir / "test_tasks.csv", [{"task": i, "loss": 1 - a, "accuracy": a} for i, a in enumerate(acc)])
     hydra = run_dir / ".hydra"
@@ -58,6 +58,8 @@ def test_aggregate_puts_swept_keys_in_columns_in_job_order(sweep):
     assert [r["mean"] for r in table] == pytest.approx([runs[i].mean() for i in range(11)])
     text = (root / "aggregate.md").read_text()
     assert "| 10 | maml | 3 | 3 | accuracy |" in text  # job number as the run label
+    assert [(r["seconds_per_iteration"], r["peak_memory_mb"]) for r in table] == [(0.25, 512.5)] * 11  # cost columns
+    assert "| 40 | 10 | 0.25 | 512.5 |" in text
 
 
 def test_paired_comparison_against_the_first_run_matches_a_paired_t_test(sweep):

@@ -122,17 +122,24 @@ def test_sigkill_at_a_random_moment_then_resume_matches_the_run_done_in_one_go(r
     assert not list(run_dir.rglob("*.tmp"))
 
 
-def test_sigterm_saves_last_and_prints_the_command_that_resumes_exactly(reference, tmp_path):
-    run_dir = tmp_path / "terminated"
-    process = subprocess.Popen(cli_command(*COMMON, f"hydra.run.dir={run_dir}"), cwd=REPO, env=cli_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def sigterm_once(command, ready):
+    """Start `command`, wait until `ready(process)` returns, send SIGTERM; the finished process and its stderr."""
+    process = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
     try:
-        wait_for_rows(process, run_dir / "metrics.csv", 1)
+        ready(process)
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
+    return process, stderr
+
+
+def test_sigterm_saves_last_and_prints_the_command_that_resumes_exactly(reference, tmp_path):
+    run_dir = tmp_path / "terminated"
+    process, stderr = sigterm_once(cli_command(*COMMON, f"hydra.run.dir={run_dir}"),
+                                   lambda process: wait_for_rows(process, run_dir / "metrics.csv", 1))
     assert process.returncode == 128 + signal.SIGTERM, stderr
     last_line = stderr.strip().splitlines()[-1]
     match = re.fullmatch(r"maml-run: stopped by SIGTERM at iteration (\d+)/60; saved (\S+); resume with: (.+)",
@@ -246,15 +253,7 @@ def test_resumed_sweep_skips_finished_jobs_and_finishes_the_rest(tmp_path):
 def test_sigterm_stops_the_whole_sweep_and_prints_the_sweep_resume_command(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "seed=0,1", *COMMON, "train.iterations=100000", f"hydra.sweep.dir={sweep}"]
-    process = subprocess.Popen(cli_command(*args), cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_job_rows(process, sweep)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    process, stderr = sigterm_once(cli_command(*args), lambda process: wait_for_job_rows(process, sweep))
     assert process.returncode == 128 + signal.SIGTERM, stderr
     line = stderr.strip().splitlines()[-1]
     assert re.fullmatch(r"maml-run: stopped by SIGTERM at iteration \d+/100000; saved \S+/0_\S+/checkpoints/last\.pt; "

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Run `maml-run` on each kind of bad input and print a Markdown table: input, the one line it printed, exit code.
+
+  .venv/bin/python scripts/bad_input_table.py > docs/bad_input.md
+
+Uses a tiny synthetic Omniglot (tests/omniglot_fixture.py) in a temporary directory; nothing touches the network.
+The tests (tests/test_bad_input.py, tests/test_checkpoint.py) assert these messages; this script shows them.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+from omniglot_fixture import make_fake_omniglot  # noqa: E402
+
+TINY = ["train.iterations=4", "train.val_interval=2", "train.val_tasks=2", "train.meta_batch_size=2",
+        "eval.num_tasks=2", "hardware=cpu", "hardware.threads=1"]
+
+
+def cli(*args: str, cwd=REPO) -> tuple[str, int]:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TQDM_DISABLE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    done = subprocess.run([sys.executable, "-m", "maml_runner.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+    lines = done.stderr.strip().splitlines()
+    return (lines[-1] if lines else "(nothing on stderr)"), done.returncode
+
+
+def rewrite_zip(path: Path, change) -> None:
+    with zipfile.ZipFile(path) as archive:
+        items = [(name, change(name, archive.read(name))) for name in archive.namelist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in items:
+            if data is not None:
+                archive.writestr(name, data)
+
+
+def first_drawing(name: str) -> bool:
+    return name.endswith("_01.png") and "character01" in name and "Alphabet_b0" in name
+
+
+def main() -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="bad_input_"))
+    run_dir = f"hydra.run.dir={tmp / 'run'}"
+
+    def omniglot(name: str, **kwargs) -> list[str]:
+        root = make_fake_omniglot(tmp / name, **kwargs)
+        return ["dataset=omniglot_5w1s", f"dataset.root={root}", "dataset.split=[6,3,3]", "dataset.ways=3",
+                "model.hidden=8", f"dataset.cache_dir={tmp / name / 'cache'}"]
+
+    good = omniglot("good")
+    missing_zip = omniglot("missing_zip")
+    (tmp / "missing_zip" / "images_evaluation.zip").unlink()
+    corrupt_zip = omniglot("corrupt_zip")
+    (tmp / "corrupt_zip" / "images_background.zip").write_bytes(b"PK\x03\x04 not a zip")
+    corrupt_png = omniglot("corrupt_png")
+    rewrite_zip(tmp / "corrupt_png" / "images_background.zip",
+                lambda n, d: b"\x89PNG garbage" if first_drawing(n) else d)
+    partial = omniglot("partial", as_zip=False)
+    for png in sorted((tmp / "partial" / "images_evaluation" / "Alphabet_e0" / "character02").glob("*.png"))[12:]:
+        png.unlink()
+    blocker = tmp / "a_file"
+    blocker.write_text("not a directory")
+    finished = tmp / "finished"
+    cli(*TINY, f"hydra.run.dir={finished}")
+    (finished / "checkpoints" / "last.pt").write_bytes((finished / "checkpoints" / "last.pt").read_bytes()[:1000])
+    foreign = tmp / "foreign.pt"
+    import torch
+    torch.save({"state_dict": {"weight": torch.zeros(3)}}, foreign)
+
+    cases = [
+        ("unknown group option", ["algorithm=foo"]),
+        ("unknown key", ["train.iteratons=5"]),
+        ("wrong type", ["train.iterations=1.5"]),
+        ("zero iterations", ["train.iterations=0"]),
+        ("negative learning rate", ["algorithm.inner_lr=-0.1"]),
+        ("zero inner steps", ["algorithm.inner_steps=0"]),
+        ("zero ways", [*good, "dataset.ways=0"]),
+        ("negative shots", [*good, "dataset.shots=-1"]),
+        ("ways > classes in a split", [*good, "dataset.ways=4"]),
+        ("shots + query_shots > 20", [*good, "dataset.shots=15", "dataset.query_shots=10"]),
+        ("missing data root", ["dataset=omniglot_5w1s", f"dataset.root={tmp / 'nowhere'}"]),
+        ("missing one of the two zips", missing_zip),
+        ("corrupt zip", corrupt_zip),
+        ("corrupt PNG", corrupt_png),
+        ("partial extraction", partial),
+        ("CUDA requested, none present", ["hardware=cuda"]),
+        ("outputs directory not writable", [f"hydra.run.dir={blocker}/run"]),
+        ("NaN/inf loss during training", ["algorithm.inner_lr=1e30"]),
+        ("truncated checkpoint", [f"train.resume={finished}"]),
+        ("foreign checkpoint (not written by maml-run)", [f"train.resume={foreign}"]),
+    ]
+    print("| bad input | command line (after `maml-run`) | message (stderr) | exit code |")
+    print("|---|---|---|---|")
+    for what, overrides in cases:
+        extra = [] if any(o.startswith("hydra.run.dir") for o in overrides) else [run_dir]
+        message, code = cli(*TINY, *overrides, *extra)
+        shown = " ".join(o for o in overrides if not o.startswith(("dataset.root=", "dataset.cache_dir=",
+                                                                    "dataset.split=", "model.hidden=")))
+        print(f"| {what} | `{shown.replace(str(tmp), '<tmp>')}` | `{message.replace(str(tmp), '<tmp>')}` | {code} |",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
