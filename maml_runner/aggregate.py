@@ -86,7 +86,8 @@ def collect(roots: Iterable[str | Path]) -> tuple[list[dict], list[str]]:
     for run_dir, overrides, row in results:
         entry = {"run": str(run_dir.relative_to(common)) if common else str(run_dir)}
         for key in swept:
-            entry[key] = overrides[key] if key in overrides else row.get(key)
+            # A group not overridden in this run (e.g. set by an experiment preset): the name it ran with.
+            entry[key] = overrides[key] if key in overrides else row.get(key, row.get(f"{key}.name"))
         entry.update({key: row.get(key) for key in METRIC_COLUMNS})
         entry["_dir"], entry["_row"] = run_dir, row
         table.append(entry)

@@ -136,3 +136,12 @@ def test_launcher_presets_compose(preset, target):
         cfg = compose(config_name="config", overrides=[f"hydra/launcher={preset}"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith(target)
     assert cfg.hydra.callbacks.aggregate._target_ == "maml_runner.aggregate.AggregateCallback"
+
+
+def test_a_group_set_by_a_preset_shows_the_name_it_ran_with(tmp_path):
+    fake_run(tmp_path / "a", {"algorithm": "maml"}, [0.9, 0.8], "maml")
+    fake_run(tmp_path / "b", {"experiment": "nichol2018_reptile_5w1s"}, [0.5, 0.6], "reptile")
+    result = aggregate([tmp_path / "a", tmp_path / "b"])
+    assert result["swept"][:2] == ["algorithm", "experiment"]
+    assert [(r["algorithm"], r["experiment"]) for r in result["table"]] == [("maml", None),
+                                                                          ("reptile", "nichol2018_reptile_5w1s")]
