@@ -96,6 +96,11 @@ def main() -> int:
         ("truncated checkpoint", [f"train.resume={finished}"]),
         ("foreign checkpoint (not written by maml-run)", [f"train.resume={foreign}"]),
     ]
+    print("# Bad input: what maml-run prints\n\n"
+          "Produced by `.venv/bin/python scripts/bad_input_table.py > docs/bad_input.md` (a tiny synthetic Omniglot in a "
+          "temporary\ndirectory; `<tmp>` stands for it). Each line is the last line on stderr; nothing else is printed "
+          "and no result file is\nwritten half. The tests (`tests/test_bad_input.py`, `tests/test_checkpoint.py`, "
+          "`tests/test_train.py`) assert these messages.\n")
     print("| bad input | command line (after `maml-run`) | message (stderr) | exit code |")
     print("|---|---|---|---|")
     for what, overrides in cases:
