@@ -18,7 +18,8 @@ NON_NEGATIVE_INTS = ["seed", "eval.seed"]
 POSITIVE_FLOATS = ["algorithm.inner_lr", "algorithm.outer_lr", "algorithm.meta_step_size", "algorithm.min_outer_lr"]
 FRACTIONS = ["algorithm.msl_fraction", "algorithm.first_order_fraction"]
 OPTIONAL_POSITIVE_INTS = ["hardware.threads", "algorithm.bn_steps"]
-OPTIONAL_POSITIVE_FLOATS = ["train.grad_clip", "algorithm.eval_inner_lr", "train.max_minutes"]
+OPTIONAL_POSITIVE_FLOATS = ["train.grad_clip", "algorithm.eval_inner_lr", "train.max_minutes",
+                            "algorithm.rate_outer_lr"]
 BOOLS = ["algorithm.first_order", "hardware.deterministic", "algorithm.multi_step_loss",
          "algorithm.derivative_order_annealing", "algorithm.learned_step_rates", "algorithm.per_step_bn",
          "algorithm.cosine_annealing"]

@@ -67,8 +67,27 @@ class MetaAlgorithm(nn.Module, ABC):
         return train_source.sample_batch(meta_batch_size)
 
     # ---- shared machinery ------------------------------------------------------------------------------
+    def learned_rate_parameters(self) -> list[nn.Parameter]:
+        """Inner learning rates learned in the outer loop (Meta-SGD, MAML++ LSLR); empty for the others."""
+        return []
+
     def build_optimizer(self) -> None:
-        self.optimizer = torch.optim.Adam(self.parameters(), lr=float(self.cfg.outer_lr))
+        """Adam over the meta-parameters; learned inner rates get their own step size, `algorithm.rate_outer_lr`
+        (null: outer_lr × inner_lr, so rates move at the relative speed of weights of order 1). With the papers'
+        choice, outer_lr, sinusoid's 0.01 rates move by up to 10 % per iteration and cross the inner loop's
+        stability limit: 10-step training diverged at iteration 47, and rates trained for 1 step (some negative)
+        diverged when evaluation took 10 steps."""
+        outer_lr = float(self.cfg.outer_lr)
+        rates = self.learned_rate_parameters()
+        if not rates:
+            self.optimizer = torch.optim.Adam(self.parameters(), lr=outer_lr)
+            return
+        rate_lr = self.cfg.get("rate_outer_lr", None)
+        rate_lr = outer_lr * float(self.cfg.inner_lr) if rate_lr is None else rate_lr
+        rate_ids = {id(p) for p in rates}
+        others = [p for p in self.parameters() if id(p) not in rate_ids]
+        self.optimizer = torch.optim.Adam([{"params": others}, {"params": rates, "lr": float(rate_lr)}],
+                                          lr=outer_lr)
 
     def metric(self, predictions: torch.Tensor, targets: torch.Tensor) -> float:
         return float("nan") if self.task_type == "regression" else accuracy(predictions, targets)

@@ -96,6 +96,9 @@ class MAMLPlusPlus(MetaAlgorithm):
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
                 self.optimizer, T_max=max(self.total_iterations, 1), eta_min=float(self.cfg.get("min_outer_lr", 1e-5)))
 
+    def learned_rate_parameters(self):
+        return list(self.step_rates.values()) if self.learned_step_rates else []
+
     def first_order_at(self, iteration: int | None) -> bool:
         return iteration is None or bool(self.cfg.first_order) or iteration < self.first_order_iterations
 

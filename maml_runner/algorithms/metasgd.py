@@ -24,6 +24,9 @@ class MetaSGD(MetaAlgorithm):
             learner.adapt(self.loss_fn(learner(task.support_x), task.support_y), first_order=first_order)
         return learner
 
+    def learned_rate_parameters(self):
+        return list(self.meta_sgd.lrs)
+
     def extra_scalars(self) -> dict[str, float]:
         with torch.no_grad():
             rates = torch.cat([lr.flatten() for lr in self.meta_sgd.lrs])

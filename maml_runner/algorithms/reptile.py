@@ -7,10 +7,14 @@ on the support set with plain SGD. `algorithm.meta_step_size` is eps; `outer_lr`
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..data.base import Task
 from .base import MetaAlgorithm
+
+log = logging.getLogger(__name__)
 
 
 class Reptile(MetaAlgorithm):
@@ -21,6 +25,11 @@ class Reptile(MetaAlgorithm):
         self.inner_optimizer = str(cfg.get("inner_optimizer", "sgd"))
         self.inner_betas = tuple(cfg.get("inner_betas", (0.0, 0.999)))
         self.eval_lr = float(cfg.get("eval_inner_lr") or cfg.inner_lr)
+        if int(cfg.inner_steps) == 1:
+            # With one step, theta' - theta is the negative gradient of the task loss: the outer update is plain
+            # SGD on the pooled loss (Nichol et al. 2018, section 5), i.e. the pretrain baseline.
+            log.warning("reptile with algorithm.inner_steps=1 is joint training on pooled tasks (the pretrain "
+                        "baseline), not meta-learning; use algorithm.inner_steps >= 2 (e.g. 10 on sinusoid)")
 
     def build_optimizer(self) -> None:
         # SGD with lr eps on the pseudo-gradient (theta - mean theta') is exactly the Reptile step.

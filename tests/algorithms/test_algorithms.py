@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import pytest
@@ -139,6 +140,15 @@ def test_reptile_update_is_meta_step_size_times_mean_adapted_minus_initial():
     assert algo.optimizer.param_groups[0]["lr"] == pytest.approx(0.45)
 
 
+def test_reptile_with_one_inner_step_warns_that_it_is_joint_training(caplog):
+    with caplog.at_level(logging.WARNING, logger="maml_runner.algorithms.reptile"):
+        make("reptile", "algorithm.inner_steps=1")
+        assert [r.getMessage() for r in caplog.records if "joint training" in r.getMessage()]
+        caplog.clear()
+        make("reptile", "algorithm.inner_steps=2")
+        assert not caplog.records
+
+
 def test_metasgd_learns_its_inner_rates():
     algo, _ = make("metasgd", "algorithm.inner_lr=0.01")
     before = [lr.detach().clone() for lr in algo.meta_sgd.lrs]
@@ -146,6 +156,30 @@ def test_metasgd_learns_its_inner_rates():
     assert all(lr.grad is not None and lr.grad.abs().max() > 0 for lr in algo.meta_sgd.lrs)
     assert any(not torch.equal(a, b) for a, b in zip(before, algo.meta_sgd.lrs))
     assert set(algo.extra_scalars()) == {"inner_lr_mean", "inner_lr_min", "inner_lr_max"}
+
+
+@pytest.mark.parametrize("name", ["metasgd", "mamlpp"])
+def test_learned_inner_rates_take_adam_steps_of_rate_outer_lr(name):
+    # Adam's first step moves every parameter with a nonzero gradient by its group's lr (|m / sqrt(v)| = 1).
+    second_order = ["algorithm.derivative_order_annealing=false"] if name == "mamlpp" else []
+    algo, _ = make(name, "algorithm.inner_lr=0.01", "algorithm.inner_steps=2", "algorithm.rate_outer_lr=1e-5",
+                   "algorithm.outer_lr=1e-3", *second_order)
+    rates = algo.learned_rate_parameters()
+    rate_ids = {id(p) for p in rates}
+    weights = [p for p in algo.parameters() if id(p) not in rate_ids]
+    before = [p.detach().clone() for p in rates + weights]
+    algo.train_step(TaskBatch.stack([sinusoid_task(7, torch.float32)]), iteration=0)
+    moved = [(p.detach() - b).abs().max().item() for p, b in zip(rates + weights, before)]
+    assert max(moved[:len(rates)]) == pytest.approx(1e-5, rel=1e-2)
+    assert max(moved[len(rates):]) == pytest.approx(1e-3, rel=1e-2)
+
+
+@pytest.mark.parametrize("name", ["metasgd", "mamlpp"])
+def test_learned_inner_rates_step_is_outer_lr_times_inner_lr_by_default(name):
+    algo, _ = make(name, "algorithm.inner_lr=0.01", "algorithm.outer_lr=1e-3")
+    weights, rates = algo.optimizer.param_groups
+    assert weights["lr"] == pytest.approx(1e-3) and rates["lr"] == pytest.approx(1e-5)
+    assert {id(p) for p in rates["params"]} == {id(p) for p in algo.learned_rate_parameters()}
 
 
 def test_mamlpp_learned_step_rates_receive_gradients_per_step():
