@@ -28,6 +28,16 @@ def test_every_group_option_composes_with_required_keys(group):
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 
 
+def test_every_experiment_preset_composes_resolves_and_validates():
+    from maml_runner.config import validate
+    for preset in options("experiment"):
+        cfg = compose_config([f"experiment={preset}"])
+        validate(cfg)  # raises UserError naming the bad key
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        if preset.startswith("antoniou2019"):  # the paper's Adam steps the LSLR rates at the meta lr
+            assert resolved["algorithm"]["rate_outer_lr"] == resolved["algorithm"]["outer_lr"]
+
+
 @pytest.mark.parametrize("dataset,ways,shots,batch,lr,train_steps,eval_steps", [
     ("omniglot_5w1s", 5, 1, 32, 0.4, 1, 3),
     ("omniglot_5w5s", 5, 5, 32, 0.4, 1, 3),
