@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
@@ -14,6 +15,45 @@ def batch_norm(channels: int, mode: str) -> nn.Module:
         return nn.Identity()
     # transductive = always the current batch's statistics, at test time too (the MAML reference code).
     return nn.BatchNorm2d(channels, track_running_stats=(mode == "running"), momentum=0.1)
+
+
+class PerStepBatchNorm(nn.Module):
+    """Batch norm with one weight/bias and one set of running statistics per inner step (`step` picks them;
+    steps past the last reuse it): MAML++'s BNRS + BNWB. Running statistics are only kept with model.bn=running;
+    transductive mode never reads them."""
+
+    def __init__(self, bn: nn.BatchNorm2d, steps: int):
+        super().__init__()
+        channels = bn.num_features
+        self.weight = nn.Parameter(bn.weight.detach().repeat(steps, 1))
+        self.bias = nn.Parameter(bn.bias.detach().repeat(steps, 1))
+        self.register_buffer("running_mean", torch.zeros(steps, channels))
+        self.register_buffer("running_var", torch.ones(steps, channels))
+        self.eps, self.momentum = bn.eps, bn.momentum if bn.momentum is not None else 0.1
+        self.use_running_stats = bn.track_running_stats  # model.bn=running
+        self.steps, self.step = steps, 0
+
+    def index(self, step: int) -> int:
+        return min(step, self.steps - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        i = self.index(self.step)
+        if not self.use_running_stats:
+            return F.batch_norm(x, None, None, self.weight[i], self.bias[i], True, 0.0, self.eps)
+        return F.batch_norm(x, self.running_mean[i], self.running_var[i], self.weight[i], self.bias[i],
+                            self.training, self.momentum, self.eps)
+
+
+def per_step_batch_norms(module: nn.Module, steps: int) -> list[PerStepBatchNorm]:
+    """Replaces every BatchNorm2d in `module` by a PerStepBatchNorm with `steps` sets; returns them."""
+    replaced = []
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, PerStepBatchNorm(child, steps))
+            replaced.append(getattr(module, name))
+        else:
+            replaced += per_step_batch_norms(child, steps)
+    return replaced
 
 
 class Conv4(nn.Module):

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from maml_runner.algorithms import vectorized
 from maml_runner.algorithms.fomaml import FOMAML
 from maml_runner.algorithms.maml import MAML
+from maml_runner.algorithms.mamlpp import MAMLPlusPlus
 from maml_runner.data.base import TaskBatch
 from maml_runner.data.fast_episodes import CachedEpisodes, cached_episodes
 from maml_runner.data.omniglot import OmniglotTasks, build_omniglot
@@ -115,6 +116,49 @@ def test_vectorized_meta_gradient_equals_per_task_loop_sinusoid_float32():
     _, reference = _meta_gradient(MAML, model, tasks, "regression", 0.01, 1, False, "off")
     _, fast = _meta_gradient(MAML, model, tasks, "regression", 0.01, 1, False, "on")
     assert _relative(reference, fast) < 1e-5
+
+
+def _mamlpp_meta_gradient(make_model, tasks, task_type, inner_lr, steps, iteration, annealing, vectorize):
+    """MAML++ on a fresh model (it replaces the batch norms): train-step stats and the gradients of every
+    meta-parameter (weights, per-step BN weights, learned step rates)."""
+    torch.manual_seed(0)
+    cfg = OmegaConf.create(dict(name="mamlpp", inner_lr=inner_lr, inner_steps=steps, outer_lr=0.0, first_order=False,
+                                derivative_order_annealing=annealing, first_order_fraction=0.5, msl_fraction=0.5))
+    algorithm = MAMLPlusPlus(make_model(), cfg, task_type, 10)
+    algorithm.vectorize = vectorize
+    algorithm.build_optimizer()
+    assert algorithm.vectorized_for(tasks) == (vectorize == "on")
+    stats = algorithm.train_step(tasks, iteration)
+    assert stats["finite"] == 1.0
+    return stats, {n: p.grad.clone() for n, p in algorithm.named_parameters()}
+
+
+@pytest.mark.parametrize("iteration,annealing,what", [
+    (0, True, "first order (DA) + multi-step loss"), (0, False, "second order + multi-step loss"),
+    (7, True, "second order, last step only")])
+def test_vectorized_mamlpp_equals_per_task_loop_conv4(omniglot, iteration, annealing, what):
+    random.seed(6)
+    tasks = cached_episodes(omniglot["train"]).sample_batch(3)
+    tasks = TaskBatch(tasks.support_x.double(), tasks.support_y, tasks.query_x.double(), tasks.query_y)
+    make = lambda: Conv4(3, hidden=6).double()  # noqa: E731
+    ref_stats, reference = _mamlpp_meta_gradient(make, tasks, "classification", 0.3, 2, iteration, annealing, "off")
+    fast_stats, fast = _mamlpp_meta_gradient(make, tasks, "classification", 0.3, 2, iteration, annealing, "on")
+    assert reference.keys() == fast.keys()
+    assert any("step_rates" in n for n in fast) and any(".weight" in n and n.startswith("model.body.1") for n in fast)
+    assert _relative(list(reference.values()), list(fast.values())) < 1e-10
+    for name in reference:  # every meta-parameter, the learned rates and per-step BN weights included
+        # (atol: conv biases before batch norm have a zero gradient, up to rounding)
+        assert torch.allclose(fast[name], reference[name], rtol=1e-8, atol=1e-13), (what, name)
+    assert fast_stats["loss"] == pytest.approx(ref_stats["loss"], rel=1e-10)
+    assert fast_stats["acc"] == pytest.approx(ref_stats["acc"])
+
+
+def test_vectorized_mamlpp_equals_per_task_loop_sinusoid_float32():
+    random.seed(5)
+    tasks = SinusoidTasks(5, 10).sample_batch(8)
+    _, reference = _mamlpp_meta_gradient(MLP, tasks, "regression", 0.01, 3, 0, False, "off")
+    _, fast = _mamlpp_meta_gradient(MLP, tasks, "regression", 0.01, 3, 0, False, "on")
+    assert _relative(list(reference.values()), list(fast.values())) < 1e-5
 
 
 def test_vmap_fallback_matches_and_batch_norm_stays_per_task(omniglot):

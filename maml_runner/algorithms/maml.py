@@ -6,11 +6,10 @@ same meta-objective and meta-gradient, one pass over the batch instead of one le
 from __future__ import annotations
 
 import learn2learn as l2l
-import torch
 
 from ..data.base import Task, TaskBatch
 from .base import MetaAlgorithm
-from .vectorized import adapt_and_query, task_chunks, use_vectorized
+from .vectorized import adapt_and_query, train_step_in_chunks, use_vectorized
 
 
 class MAML(MetaAlgorithm):
@@ -41,18 +40,6 @@ class MAML(MetaAlgorithm):
     def train_step(self, tasks: TaskBatch, iteration: int) -> dict[str, float]:
         if not self.vectorized_for(tasks):
             return super().train_step(tasks, iteration)
-        # The base loop's semantics: mean of the per-task query losses, mean per-task accuracy, finish_step.
-        # One backward per chunk (task_chunks): the gradient of the mean, accumulated.
-        self.optimizer.zero_grad(set_to_none=True)
-        losses, predictions = [], []
-        for chunk in task_chunks(tasks):
-            chunk_losses, chunk_predictions = adapt_and_query(
-                self.model, chunk, float(self.maml.lr), int(self.cfg.inner_steps), self.use_first_order(iteration),
-                self.loss_fn)
-            (chunk_losses.sum() / len(tasks)).backward()
-            losses.append(chunk_losses.detach())
-            predictions.append(chunk_predictions.detach())
-        losses, predictions = torch.cat(losses), torch.cat(predictions)
-        # Equal query sizes: accuracy over the whole batch = mean of the per-task accuracies.
-        acc = self.metric(predictions.flatten(0, 1), tasks.query_y.flatten(0, 1))
-        return self.finish_step(losses.detach().mean().item(), acc, iteration)
+        return train_step_in_chunks(self, tasks, iteration, lambda chunk: adapt_and_query(
+            self.model, chunk, float(self.maml.lr), int(self.cfg.inner_steps), self.use_first_order(iteration),
+            self.loss_fn))

@@ -24,61 +24,32 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..data.base import Task
+from ..data.base import Task, TaskBatch
+from ..models import PerStepBatchNorm, per_step_batch_norms
 from .base import MetaAlgorithm
-
-
-class PerStepBatchNorm(nn.Module):
-    """Batch norm with one weight/bias and one set of running statistics per inner step (`step` picks them)."""
-
-    def __init__(self, bn: nn.BatchNorm2d, steps: int):
-        super().__init__()
-        channels = bn.num_features
-        self.weight = nn.Parameter(bn.weight.detach().repeat(steps, 1))
-        self.bias = nn.Parameter(bn.bias.detach().repeat(steps, 1))
-        self.register_buffer("running_mean", torch.zeros(steps, channels))
-        self.register_buffer("running_var", torch.ones(steps, channels))
-        self.eps, self.momentum = bn.eps, bn.momentum if bn.momentum is not None else 0.1
-        self.use_running_stats = bn.track_running_stats  # model.bn=running
-        self.steps, self.step = steps, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        i = min(self.step, self.steps - 1)
-        if self.training or not self.use_running_stats:
-            mean, var = (self.running_mean[i], self.running_var[i]) if self.training else (None, None)
-            return F.batch_norm(x, mean, var, self.weight[i], self.bias[i], True, self.momentum, self.eps)
-        return F.batch_norm(x, self.running_mean[i], self.running_var[i], self.weight[i], self.bias[i], False,
-                            0.0, self.eps)
-
-
-def _replace_batch_norms(module: nn.Module, steps: int) -> list[PerStepBatchNorm]:
-    replaced = []
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, PerStepBatchNorm(child, steps))
-            replaced.append(getattr(module, name))
-        else:
-            replaced += _replace_batch_norms(child, steps)
-    return replaced
+from .vectorized import adapt_and_query_grouped, grouped_model_reason, train_step_in_chunks, use_vectorized
 
 
 class MAMLPlusPlus(MetaAlgorithm):
     name = "mamlpp"
+    vectorize = "auto"  # hardware.vectorize (set by build_algorithm)
 
     def __init__(self, model, cfg, task_type, total_iterations):
         super().__init__(model, cfg, task_type, total_iterations)
         self.train_steps = int(cfg.inner_steps)
         steps = int(cfg.get("bn_steps") or self.train_steps)
         self.per_step_bn = bool(cfg.get("per_step_bn", True))
-        self.batch_norms = _replace_batch_norms(model, steps) if self.per_step_bn else []
+        self.batch_norms = per_step_batch_norms(model, steps) if self.per_step_bn else []
         in_per_step_bn = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, PerStepBatchNorm)
                           for p in ("weight", "bias")}
         # The inner loop adapts everything except per-step batch-norm parameters (those are outer-loop only).
         self.adapted = [n for n, _ in model.named_parameters() if n not in in_per_step_bn]
         self.learned_step_rates = bool(cfg.get("learned_step_rates", True))
         if self.learned_step_rates:
+            dtype = next(model.parameters()).dtype
             self.step_rates = nn.ParameterDict({
-                self._key(n): nn.Parameter(torch.full((self.train_steps,), float(cfg.inner_lr))) for n in self.adapted})
+                self._key(n): nn.Parameter(torch.full((self.train_steps,), float(cfg.inner_lr), dtype=dtype))
+                for n in self.adapted})
         self.multi_step_loss = bool(cfg.get("multi_step_loss", True))
         self.msl_iterations = float(cfg.get("msl_fraction", 0.1)) * self.total_iterations
         annealing = bool(cfg.get("derivative_order_annealing", True))
@@ -149,6 +120,19 @@ class MAMLPlusPlus(MetaAlgorithm):
         _, per_step = self.inner_loop(task, self.train_steps, iteration, query_each_step=True)
         loss = sum(w * self.loss_fn(p, task.query_y) for w, p in zip(weights, per_step))
         return loss, self.metric(per_step[-1], task.query_y)
+
+    # ---- vectorized meta-batch (algorithms/vectorized.py): the same objective as query_loss per task ---------
+    def vectorized_for(self, tasks) -> bool:
+        return isinstance(tasks, TaskBatch) and use_vectorized(self.vectorize, self.model, tasks) \
+            and grouped_model_reason(self.model) is None
+
+    def train_step(self, tasks, iteration: int) -> dict[str, float]:
+        if not self.vectorized_for(tasks):
+            return super().train_step(tasks, iteration)
+        weights = self.step_weights(iteration)
+        return train_step_in_chunks(self, tasks, iteration, lambda chunk: adapt_and_query_grouped(
+            self.model, chunk, self.inner_lr, self.train_steps, self.first_order_at(iteration), self.loss_fn,
+            adapted=self.adapted, step_weights=weights))
 
     def extra_scalars(self) -> dict[str, float]:
         scalars = {}

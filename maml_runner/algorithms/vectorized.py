@@ -52,8 +52,10 @@ def task_chunks(tasks: TaskBatch) -> list[TaskBatch]:
 
 def supports_vectorization(model: nn.Module) -> str | None:
     """None if the model can run under vmap; else why not (modules that update buffers, e.g. running BN stats)."""
+    from ..models import PerStepBatchNorm
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+        if (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats) or \
+                (isinstance(module, PerStepBatchNorm) and module.use_running_stats):
             return f"{name or type(module).__name__} tracks running statistics (model.bn=running)"
     return None
 
@@ -107,12 +109,15 @@ _CHANNELWISE = (nn.MaxPool2d, nn.AvgPool2d)
 
 def _grouped_reason(module: nn.Module) -> str | None:
     """None if `_grouped_forward` knows how to run `module` (and everything in it); else what it does not know."""
+    from .. import models
     if isinstance(module, nn.Sequential):
         return next((r for r in map(_grouped_reason, module) if r), None)
     if isinstance(module, nn.Conv2d):
         return None if module.groups == 1 and module.padding_mode == "zeros" else "grouped/padded-mode Conv2d"
     if isinstance(module, nn.BatchNorm2d):
         return None if not module.track_running_stats else "BatchNorm2d with running statistics"
+    if isinstance(module, models.PerStepBatchNorm):
+        return None if not module.use_running_stats else "PerStepBatchNorm with running statistics"
     if isinstance(module, nn.AdaptiveAvgPool2d):
         return None if module.output_size in (1, (1, 1)) else "AdaptiveAvgPool2d to more than 1x1"
     if isinstance(module, nn.Flatten):
@@ -131,11 +136,18 @@ def grouped_model_reason(model: nn.Module) -> str | None:
     return _grouped_reason(model.body) or _grouped_reason(model.head)
 
 
-def _grouped_forward(module: nn.Module, x: torch.Tensor, params: dict, prefix: str, tasks: int) -> torch.Tensor:
+def _grouped_forward(module: nn.Module, x: torch.Tensor, params: dict, prefix: str, tasks: int,
+                     step: int) -> torch.Tensor:
+    """`module` on task-grouped activations; `step` (the inner step) picks per-step batch-norm weights."""
+    from ..models import PerStepBatchNorm
     if isinstance(module, nn.Sequential):
         for name, child in module.named_children():
-            x = _grouped_forward(child, x, params, f"{prefix}{name}.", tasks)
+            x = _grouped_forward(child, x, params, f"{prefix}{name}.", tasks, step)
         return x
+    if isinstance(module, PerStepBatchNorm):  # weights [T, steps, C]: this step's row of every task
+        i = module.index(step)
+        return F.batch_norm(x, None, None, params[prefix + "weight"][:, i].reshape(-1),
+                            params[prefix + "bias"][:, i].reshape(-1), True, 0.0, module.eps)
     if isinstance(module, nn.Conv2d):
         weight = params[prefix + "weight"]
         bias = params.get(prefix + "bias")
@@ -174,28 +186,60 @@ def _per_task_loss(loss_fn, predictions: torch.Tensor, targets: torch.Tensor) ->
     return vmap(loss_fn)(predictions, targets)
 
 
-def adapt_and_query_grouped(model: nn.Module, tasks: TaskBatch, inner_lr: float, steps: int, first_order: bool,
-                            loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """`adapt_and_query` for models `grouped_model_reason` accepts, without vmap (see the notes above)."""
+def adapt_and_query_grouped(model: nn.Module, tasks: TaskBatch, inner_lr, steps: int, first_order: bool, loss_fn,
+                            adapted: list[str] | None = None, step_weights: list[float] | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`adapt_and_query` for models `grouped_model_reason` accepts, without vmap (see the notes above).
+
+    For MAML++: `inner_lr` may be `inner_lr(name, step)` (learned per-layer per-step rates), `adapted` names the
+    parameters the inner loop changes (default all; the others only get the outer gradient), and `step_weights`
+    makes each task's loss the weighted sum of its query losses after every step (multi-step loss)."""
     count = len(tasks)
-    names = [name for name, _ in model.named_parameters()]
+    adapted = [name for name, _ in model.named_parameters()] if adapted is None else list(adapted)
+    rate = inner_lr if callable(inner_lr) else (lambda name, step: inner_lr)
     # Per-task parameters as expanded views: the outer gradient sums over tasks into the shared ones.
     fast = {name: p.expand(count, *p.shape) for name, p in model.named_parameters()}
     support_x, query_x = _to_grouped(tasks.support_x), _to_grouped(tasks.query_x)
 
-    def forward(params, x):
-        return _grouped_forward(model.head, _grouped_forward(model.body, x, params, "body.", count), params,
-                                "head.", count)
+    def forward(params, x, step):
+        body = _grouped_forward(model.body, x, params, "body.", count, step)
+        return _grouped_forward(model.head, body, params, "head.", count, step)
 
-    for _ in range(steps):
+    def query(params, step):
+        predictions = forward(params, query_x, step)
+        return _per_task_loss(loss_fn, predictions, tasks.query_y), predictions
+
+    weighted = 0.0
+    for step in range(steps):
         at = {k: v.detach().requires_grad_() for k, v in fast.items()} if first_order else fast
-        losses = _per_task_loss(loss_fn, forward(at, support_x), tasks.support_y)
+        losses = _per_task_loss(loss_fn, forward(at, support_x, step), tasks.support_y)
         # d(sum of task losses)/d(task t's parameters) = task t's own gradient.
-        gradients = torch.autograd.grad(losses.sum(), [at[k] for k in names], create_graph=not first_order,
+        gradients = torch.autograd.grad(losses.sum(), [at[k] for k in adapted], create_graph=not first_order,
                                         allow_unused=True)
-        fast = {k: fast[k] if g is None else fast[k] - inner_lr * g for k, g in zip(names, gradients)}
-    predictions = forward(fast, query_x)
-    return _per_task_loss(loss_fn, predictions, tasks.query_y), predictions
+        fast = {**fast, **{k: fast[k] - rate(k, step) * g for k, g in zip(adapted, gradients) if g is not None}}
+        if step_weights is not None:
+            step_losses, predictions = query(fast, step)
+            weighted = weighted + step_weights[step] * step_losses
+    if step_weights is not None and steps > 0:
+        return weighted, predictions
+    return query(fast, max(steps - 1, 0))
+
+
+def train_step_in_chunks(algorithm, tasks: TaskBatch, iteration: int, adapt_and_query_chunk) -> dict[str, float]:
+    """The base loop's semantics (mean of the per-task query losses, mean per-task accuracy, `finish_step`) with
+    `adapt_and_query_chunk(chunk) -> (per-task losses, predictions)` run on each of `task_chunks(tasks)`: one
+    backward per chunk, the gradient of the mean accumulated."""
+    algorithm.optimizer.zero_grad(set_to_none=True)
+    losses, predictions = [], []
+    for chunk in task_chunks(tasks):
+        chunk_losses, chunk_predictions = adapt_and_query_chunk(chunk)
+        (chunk_losses.sum() / len(tasks)).backward()
+        losses.append(chunk_losses.detach())
+        predictions.append(chunk_predictions.detach())
+    losses, predictions = torch.cat(losses), torch.cat(predictions)
+    # Equal query sizes: accuracy over the whole batch = mean of the per-task accuracies.
+    acc = algorithm.metric(predictions.flatten(0, 1), tasks.query_y.flatten(0, 1))
+    return algorithm.finish_step(losses.mean().item(), acc, iteration)
 
 
 # ---- generic path: vmap over any functional_call-able model ----------------------------------------------------

@@ -223,7 +223,15 @@ def test_mamlpp_per_step_batch_norm_is_outer_loop_only(tmp_path):
     meta_gradient(algo, task, iteration=99)
     # Each step's batch-norm weights are used (and learned) separately.
     assert (norms[0].weight.grad.abs().sum(dim=1) > 0).all()
+    assert torch.equal(norms[0].running_mean, torch.zeros(2, 8))  # transductive: statistics never kept or read
+    # model.bn=running: each step keeps its own running statistics (BNRS), used at evaluation.
+    algo, sources = make("mamlpp", "dataset=omniglot_5w1s", f"dataset.root={root}", "dataset.split=[6,3,3]",
+                         "dataset.ways=3", "model.hidden=8", "algorithm.inner_steps=2", "model.bn=running")
+    norms = algo.batch_norms
+    meta_gradient(algo, sources["train"].sample(), iteration=99)
     assert not torch.equal(norms[0].running_mean[0], norms[0].running_mean[1])
+    algo.eval()
+    assert algo.evaluate_task(sources["test"].sample(), 2)[0] > 0
 
 
 def test_pretrain_pools_global_classes_and_fine_tunes_a_new_head(tmp_path):

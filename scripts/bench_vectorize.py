@@ -1,0 +1,111 @@
+"""hardware.vectorize=off vs on for one algorithm's train step, in one process, alternating, same meta-batches.
+
+`bench_speed.py` compares MAML/FOMAML with learn2learn's own loop; algorithms learn2learn has no loop for (MAML++)
+are compared here with their per-task loop (`off`, the reference) against the vectorized meta-batch (`on`). Both
+start from the same weights and draw the same tasks (fast sampling in both: this times the inner loop only).
+Printed per case: s/iter (median), ratio, and the relative difference of the first meta-gradient (all
+meta-parameters, learned rates included); last lines `SPEEDUP <case> <ratio>`.
+
+    .venv/bin/python scripts/bench_vectorize.py                        # MAML++ 5w1s, 20w1s, sinusoid; ~3 min
+    .venv/bin/python scripts/bench_vectorize.py --cases mamlpp_5w1s --steps 5 --meta-batch 8   # Antoniou's setting
+    .venv/bin/python scripts/bench_vectorize.py --phase first          # derivative-order annealing's first phase
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from bench_speed import DATASETS, omniglot_sources, relative_difference  # noqa: E402
+from maml_runner.algorithms import build_algorithm  # noqa: E402
+from maml_runner.data.fast_episodes import cached_episodes  # noqa: E402
+from maml_runner.data.sinusoid import SinusoidTasks  # noqa: E402
+from maml_runner.models import MLP, Conv4  # noqa: E402
+
+ALGORITHMS = ("mamlpp", "maml", "fomaml")
+ALL_CASES = [f"{a}_{d}" for a in ALGORITHMS for d in DATASETS]
+TOTAL_ITERATIONS = 100  # the schedules' length; `--phase` picks an iteration in it
+
+
+def build(case, args, root, notes, vectorize):
+    algorithm_name, dataset = case.split("_", 1)
+    kind, ways, shots, query, inner_lr = DATASETS[dataset]
+    torch.manual_seed(0)  # same initial weights for both settings
+    if kind == "omniglot":
+        source, model = omniglot_sources(ways, shots, query, root, notes), Conv4(ways)
+    else:
+        source, model = SinusoidTasks(shots, query), MLP()
+    algorithm_cfg = OmegaConf.load(REPO / "conf" / "algorithm" / f"{algorithm_name}.yaml")
+    algorithm_cfg.update(dict(inner_lr=inner_lr, inner_steps=args.steps))
+    algorithm = build_algorithm(model, algorithm_cfg, source.task_type, TOTAL_ITERATIONS, vectorize=vectorize)
+    return cached_episodes(source), algorithm
+
+
+def step(state, batch, iteration):
+    source, algorithm = state
+    tasks = source.sample_batch(batch)
+    started = time.perf_counter()
+    algorithm.train_step(tasks, iteration)
+    elapsed = time.perf_counter() - started
+    return elapsed, [p.grad.detach().clone() for p in algorithm.parameters() if p.grad is not None], tasks
+
+
+def run_case(case, args, root, notes) -> float:
+    iteration = 0 if args.phase == "first" else TOTAL_ITERATIONS - 1
+    states = {name: build(case, args, root, notes, name) for name in ("off", "on")}
+    times = {"off": [], "on": []}
+    difference = None
+    for i in range(args.iterations + 1):  # i = 0 warms up (not timed)
+        gradients = {}
+        for name in (("off", "on") if i % 2 == 0 else ("on", "off")):
+            random.seed(2000 + i)  # both settings draw the same tasks
+            elapsed, gradients[name], tasks = step(states[name], args.meta_batch, iteration)
+            if i:
+                times[name].append(elapsed)
+        if i == 0:
+            difference = relative_difference(gradients["off"], gradients["on"])
+            vectorized = states["on"][1].vectorized_for(tasks)
+    off, on = statistics.median(times["off"]), statistics.median(times["on"])
+    print(f"{case:16s} per-task loop {off:7.3f} s/iter  vectorized {on:7.3f} s/iter  ratio {off / on:5.2f}  "
+          f"(vectorized: {vectorized}; first meta-gradient rel diff f32 {difference:.1e})", flush=True)
+    return off / on
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=[c for c in ALL_CASES if c.startswith("mamlpp")],
+                        choices=ALL_CASES)
+    parser.add_argument("--iterations", type=int, default=5, help="timed iterations per setting and case")
+    parser.add_argument("--meta-batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=1, help="inner steps (Finn et al.: 1 for 5-way)")
+    parser.add_argument("--phase", default="second", choices=("first", "second"),
+                        help="MAML++ derivative-order annealing: time its first-order or its second-order phase")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"CPU, {os.cpu_count()} cores | torch {torch.__version__} | threads {torch.get_num_threads()} | load "
+          f"average {load:.2f} | meta-batch {args.meta_batch}, {args.steps} inner step(s), {args.phase}-order "
+          f"phase, {args.iterations} timed iterations per setting (median)", flush=True)
+    notes: list = []
+    ratios = {case: run_case(case, args, Path(args.root), notes) for case in args.cases}
+    for case, ratio in ratios.items():
+        print(f"SPEEDUP {case} {ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
