@@ -29,7 +29,7 @@ def build_algorithm(model, algorithm_cfg, task_type: str, total_iterations: int,
                     train_source=None, vectorize: str = "auto") -> MetaAlgorithm:
     algorithm = algorithm_class(str(algorithm_cfg.name))(model, algorithm_cfg, task_type, total_iterations)
     algorithm.grad_clip = grad_clip
-    algorithm.vectorize = vectorize  # hardware.vectorize: read by algorithms with a vectorized inner loop (MAML)
+    algorithm.vectorize = vectorize  # hardware.vectorize: read by algorithms with a vectorized inner loop (MAML, FOMAML, MAML++)
     if train_source is not None:
         algorithm.bind_data(train_source)
     if algorithm.optimizer is None:
