@@ -6,7 +6,7 @@ start from the same weights and draw the same tasks (fast sampling in both: this
 Printed per case: s/iter (median), ratio, and the relative difference of the first meta-gradient (all
 meta-parameters, learned rates included); last lines `SPEEDUP <case> <ratio>`.
 
-    .venv/bin/python scripts/bench_vectorize.py                        # MAML++ 5w1s, 20w1s, sinusoid; ~3 min
+    .venv/bin/python scripts/bench_vectorize.py                        # MAML++ 5w1s, 20w1s, sinusoid; ~20 s
     .venv/bin/python scripts/bench_vectorize.py --cases mamlpp_5w1s --steps 5 --meta-batch 8   # Antoniou's setting
     .venv/bin/python scripts/bench_vectorize.py --phase first          # derivative-order annealing's first phase
 """

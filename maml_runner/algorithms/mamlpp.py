@@ -17,10 +17,7 @@ norm. With `model.bn=running`, evaluation uses the per-step running statistics; 
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 from torch.overrides import TorchFunctionMode
 
+from .. import models
 from ..data.base import TaskBatch
+from ..models import PerStepBatchNorm
 
 VECTORIZE_MODES = ("auto", "on", "off")
 
@@ -52,7 +54,6 @@ def task_chunks(tasks: TaskBatch) -> list[TaskBatch]:
 
 def supports_vectorization(model: nn.Module) -> str | None:
     """None if the model can run under vmap; else why not (modules that update buffers, e.g. running BN stats)."""
-    from ..models import PerStepBatchNorm
     for name, module in model.named_modules():
         if (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats) or \
                 (isinstance(module, PerStepBatchNorm) and module.use_running_stats):
@@ -109,14 +110,13 @@ _CHANNELWISE = (nn.MaxPool2d, nn.AvgPool2d)
 
 def _grouped_reason(module: nn.Module) -> str | None:
     """None if `_grouped_forward` knows how to run `module` (and everything in it); else what it does not know."""
-    from .. import models
     if isinstance(module, nn.Sequential):
         return next((r for r in map(_grouped_reason, module) if r), None)
     if isinstance(module, nn.Conv2d):
         return None if module.groups == 1 and module.padding_mode == "zeros" else "grouped/padded-mode Conv2d"
     if isinstance(module, nn.BatchNorm2d):
         return None if not module.track_running_stats else "BatchNorm2d with running statistics"
-    if isinstance(module, models.PerStepBatchNorm):
+    if isinstance(module, PerStepBatchNorm):
         return None if not module.use_running_stats else "PerStepBatchNorm with running statistics"
     if isinstance(module, nn.AdaptiveAvgPool2d):
         return None if module.output_size in (1, (1, 1)) else "AdaptiveAvgPool2d to more than 1x1"
@@ -129,7 +129,6 @@ def _grouped_reason(module: nn.Module) -> str | None:
 
 def grouped_model_reason(model: nn.Module) -> str | None:
     """None for `head(body(x))` models built from known blocks (Conv4, MLP), which run task-grouped."""
-    from .. import models
     known = tuple(getattr(models, name) for name in ("Conv4", "MLP", "_FlatMLP") if hasattr(models, name))
     if type(model) not in known:
         return f"{type(model).__name__} is not a known head(body(x)) model"
@@ -139,7 +138,6 @@ def grouped_model_reason(model: nn.Module) -> str | None:
 def _grouped_forward(module: nn.Module, x: torch.Tensor, params: dict, prefix: str, tasks: int,
                      step: int) -> torch.Tensor:
     """`module` on task-grouped activations; `step` (the inner step) picks per-step batch-norm weights."""
-    from ..models import PerStepBatchNorm
     if isinstance(module, nn.Sequential):
         for name, child in module.named_children():
             x = _grouped_forward(child, x, params, f"{prefix}{name}.", tasks, step)
