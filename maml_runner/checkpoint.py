@@ -8,13 +8,20 @@ Resume (`train.resume`):
   * a run directory or a `.pt` file: continue exactly that checkpoint (an error if it is missing); config
     differences are allowed (e.g. more `train.iterations`) and logged.
 The resumed run keeps writing into the directory of the checkpoint it continues.
+
+Loading never runs code from the file: checkpoints are read with `torch.load(weights_only=True)`, which only
+rebuilds tensors and plain Python containers/numbers/strings. The globals a file's pickle names are listed
+statically first, so a file that needs anything else is refused before a byte of it is unpickled. Version 1
+files (the numpy RNG state pickled as a numpy array) are still read, allowing exactly the numpy globals they need.
 """
 from __future__ import annotations
 
 import io
 import logging
 import math
+import pickle
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +34,27 @@ from .io import atomic_write
 log = logging.getLogger(__name__)
 
 FORMAT = "maml-runner-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the numpy RNG state as a tensor + numbers (version 1 pickled a numpy array)
 LAST, BEST = "last.pt", "best.pt"
 # Keys that may differ between a run and its resumption without changing a single number it computes.
 RESUME_IGNORED_KEYS = ("train.resume", "hardware.threads", "dataset.root", "dataset.cache_dir", "dataset.download")
 
 
+def _numpy_state_to_plain(state: tuple) -> dict:
+    """np.random.get_state() -> types torch.load(weights_only=True) reads: the MT19937 key as an int64 tensor."""
+    name, key, pos, has_gauss, cached_gaussian = state
+    return {"bit_generator": str(name), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+            "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+
+
+def _numpy_state_from_plain(state: dict) -> tuple:
+    key = np.asarray(state["key"].cpu().numpy(), dtype=np.uint32)
+    return (state["bit_generator"], key, int(state["pos"]), int(state["has_gauss"]), float(state["cached_gaussian"]))
+
+
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": _numpy_state_to_plain(np.random.get_state()),
+             "torch": torch.random.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -44,7 +64,7 @@ def set_rng_state(state: dict) -> None:
     # A checkpoint loaded with map_location=<cuda device> (Trainer.resume) holds these states as CUDA tensors; the
     # generators only take CPU byte tensors ("RNG state must be a torch.ByteTensor").
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
     torch.random.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
@@ -57,22 +77,73 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
     return atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
 
 
+def _v1_numpy_globals() -> dict[str, tuple]:
+    """What a version 1 checkpoint's `np.random.get_state()` array needs: name in the pickle -> (object, name).
+    numpy 2 pickles `_reconstruct` from numpy._core, numpy 1 from numpy.core: the same function, both accepted."""
+    reconstruct = np.ndarray((0,)).__reduce__()[0]
+    names = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype,
+             "numpy._core.multiarray._reconstruct": reconstruct, "numpy.core.multiarray._reconstruct": reconstruct}
+    return {name: (obj, name) for name, obj in names.items()}
+
+
+# `numpy.dtype("u4")` builds an instance of this class (numpy.dtypes.UInt32DType), which the unpickler then has to
+# allow too; the static listing cannot see it. The MT19937 key is uint32, so no other dtype class is allowed.
+_V1_KEY_DTYPE = type(np.dtype(np.uint32))
+
+
+class _Foreign(Exception):
+    """The file needs types a maml-runner checkpoint never holds (or is not a torch.save file at all)."""
+
+
+def _safe_load(path: Path, map_location) -> dict:
+    # torch.save writes zip files; a bare pickle (pickle.dump, torch's pre-1.6 format) was never a maml-runner
+    # checkpoint, and one is not unpickled at all: say what it is without reading further.
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as handle:
+            if handle.read(1) == b"\x80":  # pickle protocol 2+ header
+                raise _Foreign
+        raise ValueError("neither a zip archive nor a pickle")
+    # Static listing of the pickle's globals: nothing is executed. Anything beyond torch's weights-only set and
+    # version 1's numpy array is refused here.
+    unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    allowed = _v1_numpy_globals()
+    if unsafe - set(allowed):
+        raise _Foreign
+    try:
+        extra = [allowed[name] for name in sorted(unsafe)] + ([_V1_KEY_DTYPE] if "numpy.dtype" in unsafe else [])
+        with torch.serialization.safe_globals(extra):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:  # a global the static listing could not see; the unpickler refused it
+        raise _Foreign from None
+
+
+def _upgrade(payload: dict) -> dict:
+    """Version 1 -> 2: the numpy RNG state from the pickled array to a tensor + numbers."""
+    rng = payload.get("rng")
+    if isinstance(rng, dict) and isinstance(rng.get("numpy"), tuple):
+        rng["numpy"] = _numpy_state_to_plain(rng["numpy"])
+    return payload
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
+    foreign = CheckpointError(f"'{path}' is not a maml-runner checkpoint (expected format {FORMAT!r}); "
+                              f"point train.resume at a run directory written by maml-run")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        payload = _safe_load(path, map_location)
+    except _Foreign:
+        raise foreign from None
     except Exception:  # truncated zip, pickle garbage, ... (the type varies with where the bytes stop)
         raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated; delete it, or resume from another "
                               f"checkpoint (train.resume=<run dir>/checkpoints/{BEST})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"'{path}' is not a maml-runner checkpoint (expected format {FORMAT!r}); "
-                              f"point train.resume at a run directory written by maml-run")
+        raise foreign
     if payload.get("version", 0) > VERSION:
         raise CheckpointError(f"checkpoint '{path}' has format version {payload['version']}, newer than this "
                               f"maml-runner reads ({VERSION}); upgrade maml-runner")
-    return payload
+    return _upgrade(payload)
 
 
 def best_val_loss_on_disk(checkpoint_dir: Path) -> float:
