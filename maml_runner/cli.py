@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError
+from .runlock import Refused, hold
 
 log = logging.getLogger("maml_runner")
 CONFIG_PATH = str(Path(__file__).resolve().parent.parent / "conf")
@@ -58,7 +59,9 @@ def _main(cfg: DictConfig) -> float | None:
             return None
         row = run(cfg, output_dir)
         if cfg.get("report") is not None and cfg.report.get("enabled", False):
-            _write_report(cfg, Path(row.get("run_dir") or output_dir), row)
+            report_dir = Path(row.get("run_dir") or output_dir)  # a resumed run's own directory: lock it again
+            with hold(report_dir):
+                _write_report(cfg, report_dir, row)
         # ---- end of issue 4 hook ------------------------------------------------------------------------
     except (UserError, StopRequested, OmegaConfBaseException) as exc:
         if isinstance(exc, StopRequested):
@@ -181,6 +184,8 @@ def main() -> None:
             _main()
         except _StopSweep as stop:
             raise stop.stop from None
+        except Refused as refused:  # the run directory is in use (runlock.RunLockCallback)
+            raise refused.error from None
         if _single_run_failure is not None:
             raise _single_run_failure
     except (Exception, KeyboardInterrupt) as exc:

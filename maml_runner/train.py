@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from . import config as config_checks
+from . import runlock
 from .algorithms import build_algorithm
 from .algorithms.base import MetaAlgorithm
 from .checkpoint import (LAST, best_val_loss_on_disk, checkpoint_run_dir, config_differences,
@@ -342,17 +343,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     checkpoint = find_resume_checkpoint(cfg, run_dir)
     if checkpoint is not None:
         run_dir = checkpoint_run_dir(checkpoint, run_dir)  # continue writing into the resumed run's directory
-        finished = finished_results(cfg, run_dir, checkpoint)
-        if finished is not None:
-            log.info("%s already finished with this config: not re-run (results: %s)", run_dir,
-                     run_dir / "results.csv")
-            return finished
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = build(cfg, run_dir)
-    if checkpoint is not None:
-        trainer.resume(checkpoint)
-    trainer.fit()
-    row = trainer.test()
+    # One writer per directory, from before the first write until the results are written. A no-op when this
+    # process holds it already (the CLI's Hydra callback holds hydra.run.dir); taken here for train.resume=<other
+    # dir> and for callers without the CLI.
+    with runlock.hold(run_dir):
+        if checkpoint is not None:
+            finished = finished_results(cfg, run_dir, checkpoint)
+            if finished is not None:
+                log.info("%s already finished with this config: not re-run (results: %s)", run_dir,
+                         run_dir / "results.csv")
+                return finished
+        run_dir.mkdir(parents=True, exist_ok=True)
+        trainer = build(cfg, run_dir)
+        if checkpoint is not None:
+            trainer.resume(checkpoint)
+        trainer.fit()
+        row = trainer.test()
     unit = "MSE" if row["metric"] == "mse" else "accuracy"
     scale = 1 if row["metric"] == "mse" else 100
     log.info("test %s after %d eval steps on %d tasks: %.4g ± %.2g (95%% CI) | %.3f s/iter | results: %s",
