@@ -9,22 +9,37 @@ from .errors import UserError
 
 _UNSET = object()
 
+# Allowed values of the switches that reproduce the papers' released code (docs/protocols.md); the modules that
+# implement them import these.
+LOSS_REDUCTIONS = ("mean", "sum_over_shots")   # algorithm.loss_reduction
+RESIZE_MODES = ("lanczos", "binary_nearest")   # dataset.image_resize
+PADDINGS = ("symmetric", "tf_same")            # model.padding
+POOLINGS = ("stride", "max")                   # model.pooling
+INITS = ("pytorch", "xavier")                  # model.init
+HEAD_INITS = ("same", "normal")                # model.head_init
+ACTIVATIONS = ("relu", "leaky_relu")           # model.activation
+
 # key -> what is allowed. Keys absent from the composed config (e.g. an algorithm without inner_lr) are not checked;
 # keys present must hold a valid value (null included only where the description allows it).
 POSITIVE_INTS = ["train.iterations", "train.meta_batch_size", "train.val_interval", "train.val_tasks",
                  "train.log_interval", "eval.num_tasks", "eval.meta_batch_size", "algorithm.inner_steps",
                  "eval.inner_steps", "dataset.shots", "dataset.query_shots", "dataset.ways"]
 NON_NEGATIVE_INTS = ["seed", "eval.seed"]
-POSITIVE_FLOATS = ["algorithm.inner_lr", "algorithm.outer_lr", "algorithm.meta_step_size", "algorithm.min_outer_lr"]
+POSITIVE_FLOATS = ["algorithm.inner_lr", "algorithm.outer_lr", "algorithm.meta_step_size", "algorithm.min_outer_lr",
+                   "model.bn_eps"]
 FRACTIONS = ["algorithm.msl_fraction", "algorithm.first_order_fraction"]
-OPTIONAL_POSITIVE_INTS = ["hardware.threads", "algorithm.bn_steps"]
+OPTIONAL_POSITIVE_INTS = ["hardware.threads", "algorithm.bn_steps", "dataset.eval_query_shots"]
 OPTIONAL_POSITIVE_FLOATS = ["train.grad_clip", "algorithm.eval_inner_lr", "train.max_minutes",
                             "algorithm.rate_outer_lr"]
 BOOLS = ["algorithm.first_order", "hardware.deterministic", "algorithm.multi_step_loss",
          "algorithm.derivative_order_annealing", "algorithm.learned_step_rates", "algorithm.per_step_bn",
-         "algorithm.cosine_annealing"]
+         "algorithm.cosine_annealing", "model.bn_scale", "model.bn_adapted"]
 CHOICES = {"train.nan_policy": ("stop", "skip"), "eval.checkpoint": ("best", "last"),
-           "hardware.vectorize": ("auto", "on", "off"), "algorithm.inner_optimizer": ("sgd", "adam")}
+           "hardware.vectorize": ("auto", "on", "off"), "algorithm.inner_optimizer": ("sgd", "adam"),
+           "algorithm.loss_reduction": LOSS_REDUCTIONS, "model.padding": PADDINGS, "model.pooling": POOLINGS,
+           "model.init": INITS, "model.head_init": HEAD_INITS, "model.activation": ACTIVATIONS,
+           "dataset.image_resize": RESIZE_MODES,
+           "algorithm.inner_optimizer_state": ("fresh", "persistent"), "algorithm.eval_optimizer": ("sgd", "inner")}
 
 
 def _get(cfg: DictConfig, key: str, default=None):

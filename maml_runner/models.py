@@ -10,11 +10,35 @@ from .errors import UserError
 BN_MODES = ("transductive", "running", "none")
 
 
-def batch_norm(channels: int, mode: str) -> nn.Module:
+def batch_norm(channels: int, mode: str, scale: bool = True, eps: float = 1e-5) -> nn.Module:
+    """`scale=False` drops gamma and keeps the offset beta: tf.contrib.layers.batch_norm's defaults (Finn's code)."""
     if mode == "none":
         return nn.Identity()
     # transductive = always the current batch's statistics, at test time too (the MAML reference code).
-    return nn.BatchNorm2d(channels, track_running_stats=(mode == "running"), momentum=0.1)
+    bn = nn.BatchNorm2d(channels, eps=eps, track_running_stats=(mode == "running"), momentum=0.1)
+    if not scale:
+        del bn.weight
+        bn.register_parameter("weight", None)  # F.batch_norm takes weight=None as gamma = 1
+    return bn
+
+
+class TFSamePad2d(nn.Module):
+    """TensorFlow's padding='SAME' for a strided 3x3 convolution: the total padding max((ceil(n/s) - 1) * s + k - n,
+    0) split with the odd pixel at the bottom/right. With stride 2 on an even size that is 0 before, 1 after, where
+    PyTorch's padding=1 pads both sides (Finn's Omniglot network, cbfinn/maml utils.conv_block)."""
+
+    def __init__(self, kernel_size: int, stride: int):
+        super().__init__()
+        self.kernel_size, self.stride = kernel_size, stride
+
+    def amounts(self, size: int) -> tuple[int, int]:
+        total = max((-(-size // self.stride) - 1) * self.stride + self.kernel_size - size, 0)
+        return total // 2, total - total // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, bottom = self.amounts(x.shape[-2])
+        left, right = self.amounts(x.shape[-1])
+        return F.pad(x, (left, right, top, bottom))
 
 
 class PerStepBatchNorm(nn.Module):
@@ -25,8 +49,8 @@ class PerStepBatchNorm(nn.Module):
     def __init__(self, bn: nn.BatchNorm2d, steps: int):
         super().__init__()
         channels = bn.num_features
-        self.weight = nn.Parameter(bn.weight.detach().repeat(steps, 1))
-        self.bias = nn.Parameter(bn.bias.detach().repeat(steps, 1))
+        self.weight = None if bn.weight is None else nn.Parameter(bn.weight.detach().repeat(steps, 1))
+        self.bias = None if bn.bias is None else nn.Parameter(bn.bias.detach().repeat(steps, 1))
         self.register_buffer("running_mean", torch.zeros(steps, channels))
         self.register_buffer("running_var", torch.ones(steps, channels))
         self.eps, self.momentum = bn.eps, bn.momentum if bn.momentum is not None else 0.1
@@ -38,9 +62,11 @@ class PerStepBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         i = self.index(self.step)
+        weight = None if self.weight is None else self.weight[i]
+        bias = None if self.bias is None else self.bias[i]
         if not self.use_running_stats:
-            return F.batch_norm(x, None, None, self.weight[i], self.bias[i], True, 0.0, self.eps)
-        return F.batch_norm(x, self.running_mean[i], self.running_var[i], self.weight[i], self.bias[i],
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        return F.batch_norm(x, self.running_mean[i], self.running_var[i], weight, bias,
                             self.training, self.momentum, self.eps)
 
 
@@ -57,20 +83,65 @@ def per_step_batch_norms(module: nn.Module, steps: int) -> list[PerStepBatchNorm
 
 
 class Conv4(nn.Module):
-    """4 x [3x3 conv, `hidden` filters, stride 2, batch norm, ReLU], spatial mean, linear head (28x28 input)."""
+    """4 x [3x3 conv, `hidden` filters, batch norm, ReLU] + linear head.
+
+    pooling="stride": stride-2 convolutions, spatial mean before the head (Finn et al.'s Omniglot network);
+    pooling="max": stride-1 convolutions, each block ends in 2x2 max-pooling, the head sees the flattened features
+    (Finn et al.'s miniImageNet network, Antoniou et al.'s MAML++ network). `padding="tf_same"` pads as TensorFlow's
+    'SAME' (stride 2: bottom/right only); `bn_scale=False` drops gamma; `bn_adapted=False` keeps the batch-norm
+    parameters out of the inner loop (`outer_loop_only`); `init="xavier"` draws conv and linear weights
+    Glorot-uniform with zero biases, and `head_init="normal"` the head weights from N(0, 1) (Finn's Omniglot head);
+    `activation="leaky_relu"` (slope 0.01) is MAML++'s.
+    """
 
     def __init__(self, out_features: int, in_channels: int = 1, hidden: int = 64, layers: int = 4,
-                 bn: str = "transductive"):
+                 bn: str = "transductive", image_size: int = 28, bn_scale: bool = True, bn_eps: float = 1e-5,
+                 bn_adapted: bool = True, padding: str = "symmetric", pooling: str = "stride",
+                 init: str = "pytorch", head_init: str = "same", activation: str = "relu"):
         super().__init__()
-        blocks, channels = [], in_channels
+        stride = 2 if pooling == "stride" else 1
+        blocks, channels, size = [], in_channels, image_size
         for _ in range(layers):
-            blocks += [nn.Conv2d(channels, hidden, 3, stride=2, padding=1), batch_norm(hidden, bn), nn.ReLU()]
+            if padding == "tf_same":
+                blocks += [TFSamePad2d(3, stride), nn.Conv2d(channels, hidden, 3, stride=stride)]
+            else:
+                blocks += [nn.Conv2d(channels, hidden, 3, stride=stride, padding=1)]
+            blocks += [batch_norm(hidden, bn, bn_scale, bn_eps),
+                       nn.LeakyReLU() if activation == "leaky_relu" else nn.ReLU()]
+            size = -(-size // stride)
+            if pooling == "max":
+                blocks.append(nn.MaxPool2d(2))
+                size //= 2
             channels = hidden
-        self.body = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(hidden, out_features)
+        if pooling == "max":
+            self.body = nn.Sequential(*blocks, nn.Flatten())
+            features = hidden * size * size
+        else:
+            self.body = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            features = hidden
+        self.head = nn.Linear(features, out_features)
+        self.bn_adapted = bn_adapted
+        if init == "xavier":
+            for module in self.modules():
+                if isinstance(module, (nn.Conv2d, nn.Linear)):
+                    nn.init.xavier_uniform_(module.weight)
+                    nn.init.zeros_(module.bias)
+        if head_init == "normal":  # cbfinn/maml: w5 = tf.random_normal (stddev 1), b5 = 0
+            nn.init.normal_(self.head.weight, 0.0, 1.0)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
+
+
+def outer_loop_only(model: nn.Module) -> set[str]:
+    """Names of parameters the inner loop must not adapt: batch-norm weights of a model built with bn_adapted=False
+    (in Finn's code beta is a variable outside the adapted `weights` dict: trained by the outer Adam only)."""
+    if getattr(model, "bn_adapted", True):
+        return set()
+    return {f"{name}.{p}" if name else p for name, module in model.named_modules()
+            if isinstance(module, (nn.BatchNorm2d, PerStepBatchNorm))
+            for p, _ in module.named_parameters(recurse=False)}
 
 
 class MLP(nn.Module):
@@ -99,7 +170,13 @@ def build_model(model_cfg, dataset_cfg) -> nn.Module:
     if model_cfg.name == "conv4":
         if regression:
             raise UserError("model=conv4 needs images; dataset=sinusoid uses model=mlp")
-        return Conv4(out_features, hidden=int(model_cfg.hidden), layers=int(model_cfg.layers), bn=bn)
+        choices = {key: str(model_cfg.get(key, default)) for key, default in (
+            ("padding", "symmetric"), ("pooling", "stride"), ("init", "pytorch"), ("head_init", "same"),
+            ("activation", "relu"))}
+        return Conv4(out_features, in_channels=int(dataset_cfg.get("channels", 1)), hidden=int(model_cfg.hidden),
+                     layers=int(model_cfg.layers), bn=bn, image_size=int(dataset_cfg.image_size),
+                     bn_scale=bool(model_cfg.get("bn_scale", True)), bn_eps=float(model_cfg.get("bn_eps", 1e-5)),
+                     bn_adapted=bool(model_cfg.get("bn_adapted", True)), **choices)
     if model_cfg.name == "mlp":
         in_features = 1 if regression else int(dataset_cfg.image_size) ** 2
         model = MLP(out_features, in_features=in_features, hidden=tuple(model_cfg.hidden))

@@ -29,6 +29,8 @@ def build_algorithm(model, algorithm_cfg, task_type: str, total_iterations: int,
                     train_source=None, vectorize: str = "auto") -> MetaAlgorithm:
     algorithm = algorithm_class(str(algorithm_cfg.name))(model, algorithm_cfg, task_type, total_iterations)
     algorithm.grad_clip = grad_clip
+    algorithm.set_loss_reduction(str(algorithm_cfg.get("loss_reduction", "mean")),
+                                 getattr(train_source, "shots", None))
     algorithm.vectorize = vectorize  # hardware.vectorize: read by algorithms with a vectorized inner loop (MAML, FOMAML, MAML++)
     if train_source is not None:
         algorithm.bind_data(train_source)

@@ -15,6 +15,7 @@ from .base import MetaAlgorithm
 
 class ANIL(MetaAlgorithm):
     name = "anil"
+    honours_outer_loop_only = True  # only the head is adapted
 
     def __init__(self, model, cfg, task_type, total_iterations):
         super().__init__(model, cfg, task_type, total_iterations)

@@ -16,10 +16,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.base import Task, TaskBatch
+from ..config import LOSS_REDUCTIONS
+from ..errors import UserError
+from ..models import outer_loop_only
 
 
 def task_loss_fn(task_type: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     return F.mse_loss if task_type == "regression" else F.cross_entropy
+
+
+def sum_over_shots_loss(shots: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """cbfinn/maml's `xent`: per-example cross-entropy / K, differentiated as a sum over the examples. On N*K
+    support examples that is N times the mean, so an inner step of alpha moves as alpha*N would on the mean."""
+    return lambda logits, targets: F.cross_entropy(logits, targets, reduction="sum") / shots
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -30,15 +39,21 @@ class MetaAlgorithm(nn.Module, ABC):
     """Meta-parameters + outer optimizer + how to adapt to one task."""
 
     name: str = "base"
+    # Whether the algorithm keeps model.bn_adapted=false's batch-norm parameters out of its inner loop.
+    honours_outer_loop_only = False
 
     def __init__(self, model: nn.Module, cfg, task_type: str, total_iterations: int):
         super().__init__()
         self.cfg = cfg
         self.task_type = task_type
         self.total_iterations = int(total_iterations)
-        self.loss_fn = task_loss_fn(task_type)
+        self.loss_fn = task_loss_fn(task_type)  # the loss adapted and meta-trained on (`set_loss_reduction`)
+        self.report_loss_fn = self.loss_fn      # the loss reported for validation and test: always the mean
         self.grad_clip = None
         self.model = model
+        if outer_loop_only(model) and not self.honours_outer_loop_only:
+            raise UserError(f"model.bn_adapted=false is supported by maml, fomaml, anil and mamlpp; algorithm="
+                            f"{self.name} adapts every parameter: use model.bn_adapted=true")
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
 
@@ -56,6 +71,18 @@ class MetaAlgorithm(nn.Module, ABC):
         learner = self.adapt(task, int(self.cfg.inner_steps), iteration)
         predictions = learner(task.query_x)
         return self.loss_fn(predictions, task.query_y), self.metric(predictions, task.query_y)
+
+    def set_loss_reduction(self, reduction: str, shots: int | None) -> None:
+        """`algorithm.loss_reduction`: `mean` (default) or `sum_over_shots` (Finn's code, classification only), for
+        the inner loss and the meta-objective alike; validation and test losses stay means."""
+        if reduction not in LOSS_REDUCTIONS:
+            raise UserError(f"algorithm.loss_reduction={reduction!r} is not allowed; use one of "
+                            f"{', '.join(LOSS_REDUCTIONS)}")
+        if reduction == "sum_over_shots":
+            if self.task_type == "regression" or not shots:
+                raise UserError("algorithm.loss_reduction=sum_over_shots applies to classification (Finn's xent); "
+                                "the MAML code's regression loss is a mean: use algorithm.loss_reduction=mean")
+            self.loss_fn = sum_over_shots_loss(int(shots))
 
     # ---- data hooks (defaults fit every episodic meta-learner) ----------------------------------------------
     def bind_data(self, train_source) -> None:
@@ -129,22 +156,27 @@ class MetaAlgorithm(nn.Module, ABC):
         learner = self.adapt(task, steps, None)
         with torch.no_grad():
             predictions = learner(task.query_x)
-            return self.loss_fn(predictions, task.query_y).item(), self.metric(predictions, task.query_y)
+            return self.report_loss_fn(predictions, task.query_y).item(), self.metric(predictions, task.query_y)
 
     def fine_tune(self, model: nn.Module, task: Task, steps: int, lr: float, optimizer: str = "sgd",
-                  betas=(0.9, 0.999), data=None) -> nn.Module:
-        """A copy of `model` trained for `steps` full-batch steps on the support set (or `data`)."""
+                  betas=(0.9, 0.999), data=None, state: dict | None = None, on_done=None) -> nn.Module:
+        """A copy of `model` trained for `steps` full-batch steps on the support set (or `data`). `state`: an
+        optimizer state_dict to start from (a copy is loaded); `on_done(optimizer)` is called after the steps."""
         learner = copy.deepcopy(model)
         x, y = data if data is not None else (task.support_x, task.support_y)
         if optimizer == "adam":
             opt = torch.optim.Adam(learner.parameters(), lr=lr, betas=tuple(betas))
         else:
             opt = torch.optim.SGD(learner.parameters(), lr=lr)
+        if state is not None:
+            opt.load_state_dict(copy.deepcopy(state))
         with torch.enable_grad():
             for _ in range(steps):
                 opt.zero_grad(set_to_none=True)
                 self.loss_fn(learner(x), y).backward()
                 opt.step()
+        if on_done is not None:
+            on_done(opt)
         return learner
 
     # ---- checkpoint hooks ------------------------------------------------------------------------------

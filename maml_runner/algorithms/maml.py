@@ -6,14 +6,17 @@ same meta-objective and meta-gradient, one pass over the batch instead of one le
 from __future__ import annotations
 
 import learn2learn as l2l
+import torch
 
 from ..data.base import Task, TaskBatch
+from ..models import outer_loop_only
 from .base import MetaAlgorithm
 from .vectorized import adapt_and_query, train_step_in_chunks, use_vectorized
 
 
 class MAML(MetaAlgorithm):
     name = "maml"
+    honours_outer_loop_only = True
     vectorize = "auto"  # hardware.vectorize (set by build_algorithm)
 
     def __init__(self, model, cfg, task_type, total_iterations):
@@ -21,14 +24,27 @@ class MAML(MetaAlgorithm):
         self.first_order = bool(cfg.get("first_order", False))
         # `model` stays registered through the wrapper: its parameters are the meta-parameters.
         self.maml = l2l.algorithms.MAML(model, lr=float(cfg.inner_lr), first_order=self.first_order)
+        # model.bn_adapted=false: batch-norm parameters get outer-loop gradients only (Finn's code).
+        frozen = outer_loop_only(model)
+        self.adapted = [name for name, _ in model.named_parameters() if name not in frozen]
+        self.adapted_mask = [name not in frozen for name, _ in model.named_parameters()]
 
     def use_first_order(self, iteration: int | None) -> bool:
         return iteration is None or self.first_order
 
     def adapt(self, task: Task, steps: int, iteration=None):
-        learner = self.maml.clone(first_order=self.use_first_order(iteration))
+        first_order = self.use_first_order(iteration)
+        learner = self.maml.clone(first_order=first_order)
         for _ in range(steps):
-            learner.adapt(self.loss_fn(learner(task.support_x), task.support_y))
+            loss = self.loss_fn(learner(task.support_x), task.support_y)
+            if all(self.adapted_mask):
+                learner.adapt(loss)
+                continue
+            # learn2learn's adapt updates every parameter; the outer-loop-only ones get no update here.
+            params = [p for p, keep in zip(learner.module.parameters(), self.adapted_mask) if keep]
+            grads = iter(torch.autograd.grad(loss, params, retain_graph=not first_order, create_graph=not first_order))
+            learner.module = l2l.algorithms.maml.maml_update(
+                learner.module, learner.lr, [next(grads) if keep else None for keep in self.adapted_mask])
         return learner
 
     def vectorized_for(self, tasks) -> bool:
@@ -42,4 +58,4 @@ class MAML(MetaAlgorithm):
             return super().train_step(tasks, iteration)
         return train_step_in_chunks(self, tasks, iteration, lambda chunk: adapt_and_query(
             self.model, chunk, float(self.maml.lr), int(self.cfg.inner_steps), self.use_first_order(iteration),
-            self.loss_fn))
+            self.loss_fn, adapted=self.adapted))

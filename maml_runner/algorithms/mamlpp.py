@@ -1,11 +1,12 @@
-"""MAML++ (Antoniou et al. 2019, "How to train your MAML"): MAML plus five switches under `algorithm.*`, all on by
-default:
+"""MAML++ (Antoniou et al. 2019, "How to train your MAML"): MAML plus five switches under `algorithm.*`; all on by
+default except derivative-order annealing, which the released Omniglot configs turn off
+(`first_order_to_second_order_epoch: -1`: second order from the start):
 
 - multi_step_loss (MSL): the meta-loss is a weighted sum of the query losses after every inner step; the weights
   start uniform and anneal towards the last step over the first `msl_fraction` of training, then only the last
   step counts.
-- derivative_order_annealing (DA): first-order meta-gradients for the first `first_order_fraction` of training,
-  second order afterwards.
+- derivative_order_annealing (DA, default off): first-order meta-gradients for the first `first_order_fraction` of
+  training, second order afterwards.
 - learned_step_rates (LSLR): one learned inner learning rate per layer (parameter tensor) and inner step.
 - per_step_bn (BNRS + BNWB): every batch norm keeps its own running statistics and its own weight/bias per inner
   step; these are learned in the outer loop only (the inner loop adapts conv/linear weights).
@@ -22,13 +23,14 @@ from torch import nn
 from torch.func import functional_call
 
 from ..data.base import Task, TaskBatch
-from ..models import PerStepBatchNorm, per_step_batch_norms
+from ..models import PerStepBatchNorm, outer_loop_only, per_step_batch_norms
 from .base import MetaAlgorithm
 from .vectorized import adapt_and_query_grouped, grouped_model_reason, train_step_in_chunks, use_vectorized
 
 
 class MAMLPlusPlus(MetaAlgorithm):
     name = "mamlpp"
+    honours_outer_loop_only = True
     vectorize = "auto"  # hardware.vectorize (set by build_algorithm)
 
     def __init__(self, model, cfg, task_type, total_iterations):
@@ -39,8 +41,10 @@ class MAMLPlusPlus(MetaAlgorithm):
         self.batch_norms = per_step_batch_norms(model, steps) if self.per_step_bn else []
         in_per_step_bn = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, PerStepBatchNorm)
                           for p in ("weight", "bias")}
-        # The inner loop adapts everything except per-step batch-norm parameters (those are outer-loop only).
-        self.adapted = [n for n, _ in model.named_parameters() if n not in in_per_step_bn]
+        # The inner loop adapts everything except per-step batch-norm parameters (those are outer-loop only), and
+        # with model.bn_adapted=false any batch-norm parameter.
+        frozen = in_per_step_bn | outer_loop_only(model)
+        self.adapted = [n for n, _ in model.named_parameters() if n not in frozen]
         self.learned_step_rates = bool(cfg.get("learned_step_rates", True))
         if self.learned_step_rates:
             dtype = next(model.parameters()).dtype
@@ -49,7 +53,7 @@ class MAMLPlusPlus(MetaAlgorithm):
                 for n in self.adapted})
         self.multi_step_loss = bool(cfg.get("multi_step_loss", True))
         self.msl_iterations = float(cfg.get("msl_fraction", 0.1)) * self.total_iterations
-        annealing = bool(cfg.get("derivative_order_annealing", True))
+        annealing = bool(cfg.get("derivative_order_annealing", False))
         self.first_order_iterations = float(cfg.get("first_order_fraction", 0.5)) * self.total_iterations \
             if annealing else 0.0
 

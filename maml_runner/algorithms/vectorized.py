@@ -105,7 +105,7 @@ class _CompositeBatchNorm(TorchFunctionMode):
 # and channel: exactly each task's transductive BN, with torch's native (correct, fast) batch_norm and its
 # double backward. Vectors as [T, N, F] with batched matmuls.
 _ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Identity)
-_CHANNELWISE = (nn.MaxPool2d, nn.AvgPool2d)
+_CHANNELWISE = (nn.MaxPool2d, nn.AvgPool2d, models.TFSamePad2d)
 
 
 def _grouped_reason(module: nn.Module) -> str | None:
@@ -144,8 +144,9 @@ def _grouped_forward(module: nn.Module, x: torch.Tensor, params: dict, prefix: s
         return x
     if isinstance(module, PerStepBatchNorm):  # weights [T, steps, C]: this step's row of every task
         i = module.index(step)
-        return F.batch_norm(x, None, None, params[prefix + "weight"][:, i].reshape(-1),
-                            params[prefix + "bias"][:, i].reshape(-1), True, 0.0, module.eps)
+        weight, bias = params.get(prefix + "weight"), params.get(prefix + "bias")
+        return F.batch_norm(x, None, None, None if weight is None else weight[:, i].reshape(-1),
+                            None if bias is None else bias[:, i].reshape(-1), True, 0.0, module.eps)
     if isinstance(module, nn.Conv2d):
         weight = params[prefix + "weight"]
         bias = params.get(prefix + "bias")
@@ -242,12 +243,13 @@ def train_step_in_chunks(algorithm, tasks: TaskBatch, iteration: int, adapt_and_
 
 # ---- generic path: vmap over any functional_call-able model ----------------------------------------------------
 def adapt_and_query_vmap(model: nn.Module, tasks: TaskBatch, inner_lr: float, steps: int, first_order: bool,
-                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                         adapted: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-task query losses [tasks] and query predictions [tasks, query, ...] after `steps` SGD steps on each
     task's support set, differentiable w.r.t. the model's parameters (MAML's meta-objective per task)."""
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
+    adapted = set(params if adapted is None else adapted)
 
     def loss_at(p, x, y):
         return loss_fn(functional_call(model, (p, buffers), (x,)), y)
@@ -259,7 +261,7 @@ def adapt_and_query_vmap(model: nn.Module, tasks: TaskBatch, inner_lr: float, st
         for _ in range(steps):
             at = {k: v.detach() for k, v in fast.items()} if first_order else fast
             gradients = inner_grad(at, support_x, support_y)
-            fast = {k: fast[k] - inner_lr * gradients[k] for k in fast}
+            fast = {k: fast[k] - inner_lr * gradients[k] if k in adapted else fast[k] for k in fast}
         predictions = functional_call(model, (fast, buffers), (query_x,))
         return loss_fn(predictions, query_y), predictions
 
@@ -267,14 +269,14 @@ def adapt_and_query_vmap(model: nn.Module, tasks: TaskBatch, inner_lr: float, st
         return vmap(one_task)(tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
 
 
-
 def adapt_and_query(model: nn.Module, tasks: TaskBatch, inner_lr: float, steps: int, first_order: bool,
-                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    adapted: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-task query losses [tasks] and query predictions [tasks, query, ...] after `steps` SGD steps on each
-    task's support set, differentiable w.r.t. the model's parameters (MAML's meta-objective per task).
+    task's support set, differentiable w.r.t. the model's parameters (MAML's meta-objective per task). `adapted`
+    names the parameters the inner loop changes (default: all).
 
     Known models (Conv4, MLP) run task-grouped; anything else under vmap."""
     if grouped_model_reason(model) is None:
-        return adapt_and_query_grouped(model, tasks, inner_lr, steps, first_order, loss_fn)
-    return adapt_and_query_vmap(model, tasks, inner_lr, steps, first_order, loss_fn)
+        return adapt_and_query_grouped(model, tasks, inner_lr, steps, first_order, loss_fn, adapted=adapted)
+    return adapt_and_query_vmap(model, tasks, inner_lr, steps, first_order, loss_fn, adapted=adapted)

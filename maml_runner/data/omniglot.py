@@ -1,9 +1,12 @@
 """Omniglot few-shot episodes (Finn et al. 2017 protocol) through learn2learn's MetaDataset / TaskDataset.
 
 Images come from the two original parts (`images_background`, `images_evaluation`) as zips or extracted folders, are
-verified by content (every character has 20 drawings), decoded once to 28x28 (Lanczos, ink = 1) and cached as a
-tensor file. Characters are shuffled with a fixed seed into meta-train / meta-validation / meta-test; each class
-of a task is one character rotated by a random multiple of 90 degrees.
+verified by content (every character has 20 drawings), decoded once to 28x28 (ink = 1) and cached as a tensor file.
+`dataset.image_resize`: `lanczos` converts to grayscale and resamples with Lanczos (89 grey levels); `binary_nearest`
+is what cbfinn/maml's resize script produced: PIL's resize(LANCZOS) on the original mode-"1" PNGs resamples with
+nearest neighbour (PIL does so for modes "1" and "P"), so the images stay binary. Characters are shuffled with a
+fixed seed into meta-train / meta-validation / meta-test; each class of a task is one character rotated by a random
+multiple of 90 degrees (`dataset.eval_rotations` may turn that off for validation and test tasks).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..config import RESIZE_MODES
 from ..errors import DataError, UserError
 from ..io import atomic_write, atomic_write_text
 from .base import EpisodeSource, Task
@@ -113,16 +117,21 @@ def _fingerprint(sources: dict[str, Path], characters: dict[str, list[str]]) -> 
 
 
 # ---- decoding and caching ------------------------------------------------------------------------------------
-def _decode(data: bytes, where: str, size: int) -> np.ndarray:
+def _decode(data: bytes, where: str, size: int, resize: str = "lanczos") -> np.ndarray:
     try:
-        image = Image.open(io.BytesIO(data)).convert("L").resize((size, size), Image.LANCZOS)
+        image = Image.open(io.BytesIO(data))
+        if resize == "binary_nearest":  # what PIL does for resize(LANCZOS) on a mode-"1" image, made explicit
+            image = image.convert("1").resize((size, size), Image.NEAREST).convert("L")
+        else:
+            image = image.convert("L").resize((size, size), Image.LANCZOS)
     except Exception as exc:  # PIL raises a zoo of types for broken files
         raise DataError(f"cannot decode '{where}' ({type(exc).__name__}): the file is corrupt; "
                         f"restore the original Omniglot files") from None
     return 255 - np.asarray(image, dtype=np.uint8)  # ink (black in the PNGs) becomes 1
 
 
-def decode_images(sources: dict[str, Path], characters: dict[str, list[str]], size: int) -> torch.Tensor:
+def decode_images(sources: dict[str, Path], characters: dict[str, list[str]], size: int,
+                  resize: str = "lanczos") -> torch.Tensor:
     """uint8 [N, 1, size, size], characters in the given order, 20 drawings each."""
     out = np.empty((len(characters) * DRAWINGS_PER_CHARACTER, 1, size, size), dtype=np.uint8)
     row = 0
@@ -137,7 +146,7 @@ def decode_images(sources: dict[str, Path], characters: dict[str, list[str]], si
                     except (zipfile.BadZipFile, OSError, KeyError) as exc:
                         raise DataError(f"cannot read '{member}' from '{source}' ({exc}): restore the original "
                                         f"Omniglot files") from None
-                    out[row, 0] = _decode(data, f"{source}:{member}" if archive else member, size)
+                    out[row, 0] = _decode(data, f"{source}:{member}" if archive else member, size, resize)
                     row += 1
         finally:
             if archive:
@@ -165,12 +174,16 @@ class OmniglotImages:
         return len(self.names)
 
 
-def load_omniglot(root, image_size: int = 28, cache_dir=None, download: bool = False) -> OmniglotImages:
+def load_omniglot(root, image_size: int = 28, cache_dir=None, download: bool = False,
+                  resize: str = "lanczos") -> OmniglotImages:
     """Decoded Omniglot, from the tensor cache when it matches the source files, else decoded and cached."""
+    if resize not in RESIZE_MODES:
+        raise UserError(f"dataset.image_resize={resize!r} is not allowed; use one of {', '.join(RESIZE_MODES)}")
     root = Path(root).expanduser()
     sources = locate_omniglot(root, download)
     characters = _character_files(sources[PARTS[0]]) | _character_files(sources[PARTS[1]])
-    cache = _cache_dir(root, cache_dir) / f"omniglot_{image_size}px_{_fingerprint(sources, characters)}.pt"
+    mode = "" if resize == "lanczos" else f"{resize}_"  # the lanczos cache keeps its earlier name
+    cache = _cache_dir(root, cache_dir) / f"omniglot_{image_size}px_{mode}{_fingerprint(sources, characters)}.pt"
     images = None
     if cache.is_file():
         try:
@@ -184,7 +197,7 @@ def load_omniglot(root, image_size: int = 28, cache_dir=None, download: bool = F
     if images is None:
         log.info("decoding %d Omniglot images to %dx%d (once; cached at %s)",
                  len(characters) * DRAWINGS_PER_CHARACTER, image_size, image_size, cache)
-        images = decode_images(sources, characters, image_size)
+        images = decode_images(sources, characters, image_size, resize)
         buffer = io.BytesIO()
         torch.save({"images": images}, buffer)
         try:
@@ -316,16 +329,24 @@ class OmniglotTasks(EpisodeSource):
         return write_split(path, *self.split_info) if self.split_info else None
 
 
+def eval_query_shots(dataset_cfg) -> int:
+    """Query examples per class in validation and test tasks: `dataset.eval_query_shots`, null = query_shots."""
+    value = dataset_cfg.get("eval_query_shots")
+    return int(dataset_cfg.query_shots if value is None else value)
+
+
 def check_task_shape(dataset_cfg) -> None:
     """Checks that need no data: positive sizes, at most 20 drawings per class and task."""
     for key in ("ways", "shots", "query_shots"):
         value = int(dataset_cfg[key])
         if value <= 0:
             raise UserError(f"dataset.{key}={value} must be a positive integer")
-    shots, query = int(dataset_cfg.shots), int(dataset_cfg.query_shots)
-    if shots + query > DRAWINGS_PER_CHARACTER:
-        raise UserError(f"dataset.shots + dataset.query_shots = {shots} + {query} = {shots + query} exceeds the "
-                        f"{DRAWINGS_PER_CHARACTER} drawings per Omniglot character")
+    shots = int(dataset_cfg.shots)
+    for key, query in (("query_shots", int(dataset_cfg.query_shots)),
+                       ("eval_query_shots", eval_query_shots(dataset_cfg))):
+        if shots + query > DRAWINGS_PER_CHARACTER:
+            raise UserError(f"dataset.shots + dataset.{key} = {shots} + {query} = {shots + query} exceeds the "
+                            f"{DRAWINGS_PER_CHARACTER} drawings per Omniglot character")
 
 
 def check_ways(dataset_cfg, split_sizes: dict[str, int]) -> None:
@@ -339,18 +360,21 @@ def build_omniglot(dataset_cfg) -> dict[str, OmniglotTasks]:
     """Episode sources for the train / validation / test characters."""
     check_task_shape(dataset_cfg)
     data = load_omniglot(dataset_cfg.root, int(dataset_cfg.get("image_size", 28)), dataset_cfg.get("cache_dir"),
-                         bool(dataset_cfg.get("download", False)))
+                         bool(dataset_cfg.get("download", False)), str(dataset_cfg.get("image_resize", "lanczos")))
     seed = int(dataset_cfg.get("split_seed", 1))
     split = split_characters(data.num_characters, dataset_cfg.get("split", (1100, 100, 423)), seed)
     check_ways(dataset_cfg, {name: len(ids) for name, ids in split.items()})
     degrees = tuple(dataset_cfg.get("rotations", (0, 90, 180, 270)))
+    eval_degrees = dataset_cfg.get("eval_rotations")
+    eval_degrees = degrees if eval_degrees is None else tuple(eval_degrees)  # MAML++/Reptile: test classes unrotated
     sources = {}
     for name, ids in split.items():
         mask = torch.zeros(data.num_characters, dtype=torch.bool)
         mask[torch.as_tensor(ids)] = True
         keep = mask[data.labels]
         images = CharacterImages(data.images[keep], data.labels[keep])
-        sources[name] = OmniglotTasks(images, int(dataset_cfg.ways), int(dataset_cfg.shots),
-                                      int(dataset_cfg.query_shots), degrees)
+        query = int(dataset_cfg.query_shots) if name == "train" else eval_query_shots(dataset_cfg)
+        sources[name] = OmniglotTasks(images, int(dataset_cfg.ways), int(dataset_cfg.shots), query,
+                                      degrees if name == "train" else eval_degrees)
         sources[name].split_info = (data.names, split, seed)
     return sources
