@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TABLE_COLUMNS = ["method", "setting", "experiment", "metric", "ours", "ours_ci95", "paper", "paper_ci95",
-                 "difference", "iterations", "paper_iterations", "budget", "n_tasks", "eval_steps", "seconds",
+                 "difference", "iterations", "iterations_configured", "paper_iterations", "budget", "n_tasks",
+                 "eval_steps", "seconds",
                  "run_dir", "status"]
 
 
@@ -74,7 +75,9 @@ def _cell_row(cell: dict, metric: str, result: dict | None, cfg: DictConfig, pap
     return {"method": cell["method"], "setting": cell["setting"], "experiment": cell["experiment"], "metric": metric,
             "ours": ours, "ours_ci95": ours_ci, "paper": paper, "paper_ci95": cell.get("paper_ci95"),
             "difference": (ours - float(paper)) if paper is not None and result else None,
-            "iterations": int(cfg.train.iterations), "paper_iterations": paper_iterations, "budget": budget,
+            # What the cell actually trained (train.max_minutes or a stop can end it early), not what was asked.
+            "iterations": int(result["iterations_done"]) if result else 0,
+            "iterations_configured": int(cfg.train.iterations), "paper_iterations": paper_iterations, "budget": budget,
             "n_tasks": int(result["n_tasks"]) if result else int(cfg.eval.num_tasks),
             "eval_steps": int(cfg.eval.inner_steps), "seconds": round(seconds, 1), "run_dir": str(run_dir),
             "status": status}
@@ -117,12 +120,18 @@ def markdown(name: str, spec: dict, rows: list[dict], budget: float) -> str:
     lines = [f"# {spec['title']}", "", f"Reproduced with `scripts/reproduce.py {name} --budget {budget:g}`. "
              f"Metric: test {unit}, mean ± 95 % CI over the test tasks (1.96·std/√n).", "",
              f"Paper: {' '.join(str(spec['citation']).split())}", ""]
+    short = [r for r in rows if r["status"] != "done" or r["iterations"] < r["paper_iterations"]]
     if budget < 1:
-        examples = sorted({(r["iterations"], r["paper_iterations"]) for r in rows})
+        examples = sorted({(r["iterations_configured"], r["paper_iterations"]) for r in rows})
         shown = ", ".join(f"{ours:,} of {paper:,}" for ours, paper in examples)
         lines += [f"**Reduced budget: {budget:g} × the paper's training iterations ({shown}).** These numbers show "
                   f"that the pipeline runs end to end; they are **not** comparable with the paper's, which were "
                   f"trained {1 / budget:,.0f}× longer.", ""]
+    elif short:
+        stopped = ", ".join(f"{r['experiment']} {r['iterations']:,} of {r['paper_iterations']:,}" for r in short)
+        lines += [f"**Not the full budget: {len(short)} of {len(rows)} cells did not finish the paper's iterations** "
+                  f"({stopped}); their numbers are not comparable with the paper's. The iterations column says "
+                  f"what each cell trained.", ""]
     else:
         lines += ["Full budget: every cell trained for the paper's number of iterations.", ""]
     lines += ["| method | setting | ours | paper | difference | iterations (ours / paper) | test tasks | eval steps "

@@ -99,13 +99,33 @@ def test_budget_scales_iterations_and_validation_interval():
         table_spec("finn")
 
 
-def _fake_runner(accuracies: dict):
-    """Stands in for training: writes what a finished run leaves (test_tasks.csv) and returns its results row."""
+def _fake_runner(accuracies: dict, stopped_at: dict | None = None):
+    """Stands in for training: writes what a finished run leaves (test_tasks.csv) and returns its results row;
+    `stopped_at[algorithm]` makes that run end early (train.max_minutes) at that iteration."""
     def runner(cfg, run_dir: Path):
         acc = np.asarray(accuracies[(cfg.algorithm.name, cfg.dataset.name)])
         write_csv(run_dir / "test_tasks.csv", [{"task": i, "loss": 1 - a, "accuracy": a} for i, a in enumerate(acc)])
-        return {"mean": acc.mean(), "ci95": 1.96 * acc.std(ddof=1) / math.sqrt(acc.size), "n_tasks": acc.size}
+        done = (stopped_at or {}).get(cfg.algorithm.name, int(cfg.train.iterations))
+        return {"mean": acc.mean(), "ci95": 1.96 * acc.std(ddof=1) / math.sqrt(acc.size), "n_tasks": acc.size,
+                "iterations_done": done}
     return runner
+
+
+def test_full_budget_only_when_every_cell_finished_the_papers_iterations(tmp_path):
+    acc = np.array([0.9, 0.8, 1.0])
+    accuracies = {("maml", "omniglot_5w1s"): acc, ("fomaml", "omniglot_5w1s"): acc}
+    reproduce("finn2017", tmp_path / "stopped", budget=1.0, cells=["5w1s"], report=False,
+              runner=_fake_runner(accuracies, stopped_at={"fomaml": 25000}))
+    table = read_csv(tmp_path / "stopped" / "table.csv", typed=True)
+    assert [(r["iterations"], r["iterations_configured"]) for r in table] == [(60000, 60000), (25000, 60000)]
+    text = (tmp_path / "stopped" / "table.md").read_text()
+    assert "Full budget" not in text
+    assert "**Not the full budget: 1 of 2 cells did not finish the paper's iterations** (finn2017_fomaml_5w1s " \
+           "25,000 of 60,000)" in text and "| 25,000 / 60,000 |" in text
+    reproduce("finn2017", tmp_path / "full", budget=1.0, cells=["5w1s"], report=False,
+              runner=_fake_runner(accuracies))
+    assert "Full budget: every cell trained for the paper's number of iterations." in \
+        (tmp_path / "full" / "table.md").read_text()
 
 
 def test_table_writer_lists_ours_paper_difference_budget_and_paired_comparison(tmp_path):
