@@ -4,14 +4,17 @@
   .venv/bin/python scripts/bad_input_table.py > docs/bad_input.md
 
 Uses a tiny synthetic Omniglot (tests/omniglot_fixture.py) in a temporary directory; nothing touches the network.
-The tests (tests/test_bad_input.py, tests/test_checkpoint.py) assert these messages; this script shows them.
+The tests (tests/test_bad_input.py, tests/test_checkpoint.py, tests/test_run_lock.py) assert these messages; this
+script shows them.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -23,11 +26,15 @@ TINY = ["train.iterations=4", "train.val_interval=2", "train.val_tasks=2", "trai
         "eval.num_tasks=2", "hardware=cpu", "hardware.threads=1"]
 
 
-def cli(*args: str, cwd=REPO) -> tuple[str, int]:
+def cli_env() -> dict:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TQDM_DISABLE": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    done = subprocess.run([sys.executable, "-m", "maml_runner.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return env
+
+
+def cli(*args: str, cwd=REPO) -> tuple[str, int]:
+    done = subprocess.run([sys.executable, "-m", "maml_runner.cli", *args], cwd=cwd, env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
     lines = done.stderr.strip().splitlines()
     return (lines[-1] if lines else "(nothing on stderr)"), done.returncode
 
@@ -39,6 +46,36 @@ def rewrite_zip(path: Path, change) -> None:
         for name, data in items:
             if data is not None:
                 archive.writestr(name, data)
+
+
+class RunsCode:
+    """Unpickling this creates `marker` (stands in for any code a crafted checkpoint could run)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@contextlib.contextmanager
+def busy(run_dir: Path, pids: dict):
+    """A long maml-run holding `run_dir` (its lock file names its pid) while the case runs; killed after."""
+    holder = subprocess.Popen([sys.executable, "-m", "maml_runner.cli", *TINY, "train.iterations=1000000",
+                               "report.enabled=false", f"hydra.run.dir={run_dir}"], cwd=REPO, env=cli_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        lock = run_dir / ".maml-run.lock"
+        while not (lock.is_file() and lock.read_text().strip() == str(holder.pid)):
+            if holder.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the holder run never took {lock}")
+            time.sleep(0.05)
+        pids[str(holder.pid)] = "<pid>"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def first_drawing(name: str) -> bool:
@@ -73,6 +110,9 @@ def main() -> int:
     foreign = tmp / "foreign.pt"
     import torch
     torch.save({"state_dict": {"weight": torch.zeros(3)}}, foreign)
+    crafted, marker = tmp / "crafted.pt", tmp / "code-ran"
+    torch.save({"format": "maml-runner-checkpoint", "version": 1, "payload": RunsCode(marker)}, crafted)
+    pids: dict[str, str] = {}
 
     cases = [
         ("unknown group option", ["algorithm=foo"]),
@@ -95,17 +135,25 @@ def main() -> int:
         ("NaN/inf loss during training", ["algorithm.inner_lr=1e30"]),
         ("truncated checkpoint", [f"train.resume={finished}"]),
         ("foreign checkpoint (not written by maml-run)", [f"train.resume={foreign}"]),
+        ("checkpoint that would run code when unpickled", [f"train.resume={crafted}"]),
+        ("run directory in use by another maml-run", [f"hydra.run.dir={tmp / 'busy'}"]),
     ]
+    setups = {"run directory in use by another maml-run": lambda: busy(tmp / "busy", pids)}
     print("# Bad input: what maml-run prints\n\n"
           "Produced by `.venv/bin/python scripts/bad_input_table.py > docs/bad_input.md` (a tiny synthetic Omniglot in a "
           "temporary\ndirectory; `<tmp>` stands for it). Each line is the last line on stderr; nothing else is printed "
           "and no result file is\nwritten half. The tests (`tests/test_bad_input.py`, `tests/test_checkpoint.py`, "
-          "`tests/test_train.py`) assert these messages.\n")
+          "`tests/test_train.py`, `tests/test_run_lock.py`) assert these messages.\n")
     print("| bad input | command line (after `maml-run`) | message (stderr) | exit code |")
     print("|---|---|---|---|")
     for what, overrides in cases:
         extra = [] if any(o.startswith("hydra.run.dir") for o in overrides) else [run_dir]
-        message, code = cli(*TINY, *overrides, *extra)
+        with setups.get(what, contextlib.nullcontext)():
+            message, code = cli(*TINY, *overrides, *extra)
+        if marker.exists():
+            raise SystemExit(f"{what}: loading {crafted} ran the code inside it")
+        for pid, shown_as in pids.items():  # the holder's pid changes from one regeneration to the next
+            message = message.replace(f"pid {pid}", f"pid {shown_as}")
         shown = " ".join(o for o in overrides if not o.startswith(("dataset.root=", "dataset.cache_dir=",
                                                                     "dataset.split=", "model.hidden=")))
         print(f"| {what} | `{shown.replace(str(tmp), '<tmp>')}` | `{message.replace(str(tmp), '<tmp>')}` | {code} |",
