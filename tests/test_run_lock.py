@@ -52,7 +52,7 @@ def snapshot(directory: Path) -> dict:
 
 
 def another_process_tries(directory: Path) -> str:
-    """What acquiring `directory` gives in a fresh process: 'held' or the error line (the lock is released as it exits)."""
+    """Acquiring `directory` in a fresh process: 'held' or the error line (released as that process exits)."""
     code = ("import sys; from maml_runner import runlock\n"
             "try:\n    runlock.acquire(sys.argv[1]); print('held')\n"
             "except runlock.DirectoryInUse as exc:\n    print(exc)")
