@@ -191,7 +191,8 @@ def test_mamlpp_learned_step_rates_receive_gradients_per_step():
 
 
 def test_mamlpp_derivative_order_switches_at_the_configured_iteration():
-    algo, _ = make("mamlpp", "algorithm.first_order_fraction=0.3", "algorithm.multi_step_loss=false",
+    algo, _ = make("mamlpp", "algorithm.derivative_order_annealing=true", "algorithm.first_order_fraction=0.3",
+                   "algorithm.multi_step_loss=false",
                    iterations=100, dtype=torch.float64)
     assert algo.first_order_at(29) and not algo.first_order_at(30)
     task = sinusoid_task(9)
