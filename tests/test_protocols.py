@@ -286,11 +286,16 @@ def test_reptile_evaluation_with_the_inner_adam_starts_from_its_state_and_restor
     assert restored.evaluate_task(tasks[1], 5)[0] == pytest.approx(loss, rel=1e-12)
 
 
-def test_eval_query_shots_sets_the_query_size_of_validation_and_test_tasks(tmp_path):
+def _fixture_sources(experiment: str, tmp_path):
+    """A preset's episode sources on a tiny generated Omniglot (3-way, 6/3/3 characters)."""
     root = make_fake_omniglot(tmp_path / "data")
-    cfg = compose_config(["experiment=nichol2018_reptile_5w1s", f"dataset.root={root}", "dataset.ways=3",
+    cfg = compose_config([f"experiment={experiment}", f"dataset.root={root}", "dataset.ways=3",
                           "dataset.split=[6,3,3]", f"dataset.cache_dir={tmp_path}"])
-    sources = build_omniglot(cfg.dataset)
+    return build_omniglot(cfg.dataset)
+
+
+def test_eval_query_shots_sets_the_query_size_of_validation_and_test_tasks(tmp_path):
+    sources = _fixture_sources("nichol2018_reptile_5w1s", tmp_path)
     random.seed(0)
     assert sources["train"].sample().query_x.shape[0] == 3 * 9
     assert sources["test"].sample().query_x.shape[0] == 3 * 1 and sources["validation"].query_shots == 1
@@ -334,10 +339,7 @@ def test_antoniou2019_presets_compose_to_the_released_configs(setting):
 
 
 def test_eval_rotations_leave_test_classes_unrotated(tmp_path):
-    root = make_fake_omniglot(tmp_path / "data")
-    cfg = compose_config(["experiment=antoniou2019_mamlpp_5w1s", f"dataset.root={root}", "dataset.ways=3",
-                          "dataset.split=[6,3,3]", f"dataset.cache_dir={tmp_path}"])
-    sources = build_omniglot(cfg.dataset)
+    sources = _fixture_sources("antoniou2019_mamlpp_5w1s", tmp_path)
     random.seed(1)
     for _ in range(5):
         task = sources["test"].sample()  # every drawing appears upright: equal to one of the stored images
