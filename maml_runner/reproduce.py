@@ -119,7 +119,9 @@ def markdown(name: str, spec: dict, rows: list[dict], budget: float) -> str:
     digits = 2 if metric == "accuracy" else 4
     lines = [f"# {spec['title']}", "", f"Reproduced with `scripts/reproduce.py {name} --budget {budget:g}`. "
              f"Metric: test {unit}, mean ± 95 % CI over the test tasks (1.96·std/√n).", "",
-             f"Paper: {' '.join(str(spec['citation']).split())}", ""]
+             f"Paper: {' '.join(str(spec['citation']).split())}", "",
+             "Each cell's preset runs what the paper's released code ran; docs/protocols.md lists every setting, the "
+             "runner's default it replaces and its measured effect.", ""]
     short = [r for r in rows if r["status"] != "done" or r["iterations"] < r["paper_iterations"]]
     if budget < 1:
         examples = sorted({(r["iterations_configured"], r["paper_iterations"]) for r in rows})
