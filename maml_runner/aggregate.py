@@ -244,3 +244,35 @@ class AggregateCallback(Callback):
             log.warning("sweep aggregation skipped: %s", exc)
             return
         log.info("aggregated %d runs: %s", len(result["table"]), result["out"] / "aggregate.md")
+
+
+USAGE = """Gather every run's results.csv under the given directories into one table, swept keys as columns, with
+paired comparisons against a baseline run over the same test tasks (from each run's test_tasks.csv).
+
+  maml-aggregate multirun/2026-11-22_10-00-00
+  maml-aggregate multirun/a multirun/b --out reports/ab --baseline algorithm=maml
+
+Writes aggregate.csv, aggregate.md and comparisons.csv into --out (default: the first directory). `maml-run -m`
+does the same at the end of every sweep (hydra.callbacks.aggregate in conf/config.yaml).
+"""
+
+
+def main(argv=None) -> int:
+    """`maml-aggregate` (also scripts/aggregate.py): bad input is one line on stderr and exit code 2."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dirs", nargs="+", help="sweep or run directories (searched recursively for results.csv)")
+    parser.add_argument("--out", default=None, help="where to write (default: the first directory)")
+    parser.add_argument("--baseline", default=None,
+                        help="the run the others are compared with: key=value[,key=value] over the table's columns "
+                             "(default: the first run)")
+    args = parser.parse_args(argv)
+    try:
+        result = aggregate(args.dirs, args.out, args.baseline)
+    except UserError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print((result["out"] / "aggregate.md").read_text())
+    return 0

@@ -20,10 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError
+from .paths import CONF_DIR
 from .runlock import Refused, hold
 
 log = logging.getLogger("maml_runner")
-CONFIG_PATH = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_PATH = str(CONF_DIR)  # <checkout>/conf, or the copy inside an installed wheel (paths.py)
 PROG = "maml-run"
 EXIT_USAGE = 2
 
