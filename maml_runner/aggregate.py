@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 RESULTS, TEST_TASKS = "results.csv", "test_tasks.csv"
 # Overrides that say where things are, not what was run.
 IGNORED_OVERRIDES = ("hydra.", "hydra/", "dataset.root", "train.resume", "dataset.cache_dir")
+# best_val_loss is what each job returned to the sweeper (cli.sweep_objective): pick settings by it, not by mean.
 METRIC_COLUMNS = ["metric", "mean", "ci95", "test_loss", "test_loss_ci95", "test_accuracy", "test_accuracy_ci95",
-                  "n_tasks", "iterations_done", "train_seconds", "seconds_per_iteration", "peak_memory_mb"]
+                  "best_val_loss", "best_val_accuracy", "n_tasks", "iterations_done", "train_seconds", "seconds_per_iteration", "peak_memory_mb"]
 
 
 def _natural_key(path: Path):
@@ -182,14 +183,17 @@ def _fmt(value, metric: str, scale_accuracy: bool = True) -> str:
 def markdown(table: list[dict], swept: Sequence[str], comparisons: list[dict], baseline: dict | None) -> str:
     lines = ["# Aggregated results", "",
              f"{len(table)} runs; swept keys: {', '.join(swept) or 'none'}. Accuracy in %, MSE as is; ± is the 95 % CI "
-             f"over test tasks (1.96·std/√n).", ""]
-    header = ["run", *swept, "metric", "mean ± ci95", "test loss", "n_tasks", "iterations", "s/iter", "peak MB"]
+             f"over test tasks (1.96·std/√n). Best val loss: the lowest validation loss, the value each job returned "
+             f"to the sweeper; choose settings by it, not by the test mean.", ""]
+    header = ["run", *swept, "metric", "mean ± ci95", "test loss", "best val loss", "n_tasks", "iterations", "s/iter",
+              "peak MB"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table:
         m = row["metric"]
         lines.append("| " + " | ".join([_label(str(row["run"])), *[str(row.get(k)) for k in swept], str(m),
                                         f"{_fmt(row['mean'], m)} ± {_fmt(row['ci95'], m)}",
-                                        f"{_fmt(row['test_loss'], 'mse')}", str(row["n_tasks"]),
+                                        f"{_fmt(row['test_loss'], 'mse')}", _fmt(row.get("best_val_loss"), "mse"),
+                                        str(row["n_tasks"]),
                                         str(row.get("iterations_done")), _fmt(row.get("seconds_per_iteration"), ""),
                                         _fmt(row.get("peak_memory_mb"), "")]) + " |")
     if baseline is not None and comparisons:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import shlex
 import sys
@@ -74,7 +75,15 @@ def _main(cfg: DictConfig) -> float | None:
             raise
         _single_run_failure = exc
         return None
-    return float(row["mean"])  # the sweep objective
+    return sweep_objective(row)
+
+
+def sweep_objective(row: dict) -> float:
+    """The value a job returns to Hydra's sweeper (e.g. Optuna, direction minimize): the lowest validation loss the
+    run reached (results.csv best_val_loss; cross-entropy on classification, MSE on regression), nan when it reached
+    none. Never a test number: choosing hyperparameters by the test mean would make the reported test optimistic."""
+    value = row.get("best_val_loss")
+    return math.nan if value is None else float(value)
 
 
 def _write_report(cfg: DictConfig, run_dir: Path, row: dict) -> None:

@@ -32,8 +32,11 @@ log = logging.getLogger(__name__)
 
 METRICS_COLUMNS = ["iteration", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_loss_ci95",
                    "val_accuracy_ci95", "grad_norm", "elapsed_seconds"]
+# best_val_*: the lowest validation loss reached and the validation accuracy there (what best.pt holds); the value a
+# sweep returns to Hydra's sweeper (cli.sweep_objective), so tuning never looks at the test tasks.
 RESULT_COLUMNS = [*config_checks.RESULT_KEYS, "metric", "mean", "ci95", "test_loss", "test_loss_ci95",
-                  "test_accuracy", "test_accuracy_ci95", "n_tasks", "checkpoint", "iterations_done",
+                  "test_accuracy", "test_accuracy_ci95", "n_tasks", "checkpoint", "best_val_loss",
+                  "best_val_accuracy", "iterations_done",
                   "train_seconds", "seconds_per_iteration", "peak_memory_mb", "device"]
 
 
@@ -51,6 +54,18 @@ class StopRequested(Exception):
 
 # With train.nan_policy=skip, this many non-finite batches in a row stop the run: the model cannot recover.
 MAX_CONSECUTIVE_SKIPS = 20
+
+
+def best_validation(metrics_rows: list[dict]) -> tuple[float, float]:
+    """(lowest finite validation loss, validation accuracy at that validation); nan, nan before any.
+
+    The first of equal losses wins, as in `Trainer._validate` (best.pt is replaced only by a strictly lower loss).
+    """
+    finite = [row for row in metrics_rows if math.isfinite(float(row["val_loss"]))]
+    if not finite:
+        return math.nan, math.nan
+    best = min(finite, key=lambda row: float(row["val_loss"]))
+    return float(best["val_loss"]), float(best["val_accuracy"])
 
 
 def _fresh_running() -> dict:
@@ -296,8 +311,10 @@ class Trainer:
         metric = "mse" if regression else "accuracy"
         mean, ci = result.loss if regression else result.accuracy
         done = max(self.iteration, 1)
+        best_loss, best_accuracy = best_validation(self.metrics_rows)
         row = {**config_checks.flat_config(self.cfg, config_checks.RESULT_KEYS), "metric": metric, "mean": mean,
                "ci95": ci, **result.summary("test"), "n_tasks": result.n_tasks, "checkpoint": which,
+               "best_val_loss": best_loss, "best_val_accuracy": best_accuracy,
                "iterations_done": self.iteration, "train_seconds": round(self.train_seconds, 3),
                "seconds_per_iteration": self.train_seconds / done, "peak_memory_mb": round(peak_memory_mb(self.device), 1),
                "device": str(self.device)}
@@ -317,7 +334,12 @@ def finished_results(cfg: DictConfig, run_dir: Path, checkpoint: Path) -> dict |
     if int(state.get("iteration", -1)) < int(cfg.train.iterations) or config_differences(state.get("config", {}), cfg):
         return None
     rows = read_csv(results, typed=True)
-    return rows[0] if len(rows) == 1 else None
+    if len(rows) != 1:
+        return None
+    row = rows[0]
+    if row.get("best_val_loss") is None and (run_dir / "metrics.csv").is_file():  # results.csv from before the column
+        row["best_val_loss"], row["best_val_accuracy"] = best_validation(read_csv(run_dir / "metrics.csv", typed=True))
+    return row
 
 
 def build(cfg: DictConfig, run_dir: Path) -> Trainer:

@@ -11,7 +11,7 @@ from conftest import compose_config
 from maml_runner.checkpoint import load_checkpoint
 from maml_runner.io import read_csv
 from maml_runner.evaluate import evaluate, mean_ci95
-from maml_runner.train import METRICS_COLUMNS, RESULT_COLUMNS, build, run
+from maml_runner.train import METRICS_COLUMNS, RESULT_COLUMNS, best_validation, build, run
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,18 @@ def test_results_csv_schema_and_values(tiny_run):
     assert float(result["mean"]) == pytest.approx(float(result["test_loss"]))
     assert int(result["iterations_done"]) == 40 and float(result["seconds_per_iteration"]) > 0
     assert float(result["peak_memory_mb"]) > 0
+    # the sweep objective: the lowest validation loss of metrics.csv (regression: no accuracy)
+    assert float(result["best_val_loss"]) == min(float(r["val_loss"]) for r in read_csv(run_dir / "metrics.csv"))
+    assert row["best_val_loss"] == float(result["best_val_loss"]) and math.isnan(float(result["best_val_accuracy"]))
+
+
+def test_best_validation_is_the_first_lowest_finite_loss_with_its_accuracy():
+    rows = [{"val_loss": 0.9, "val_accuracy": 0.5}, {"val_loss": math.nan, "val_accuracy": math.nan},
+            {"val_loss": 0.4, "val_accuracy": 0.7}, {"val_loss": 0.4, "val_accuracy": 0.9},
+            {"val_loss": 0.6, "val_accuracy": 0.95}]
+    assert best_validation(rows) == (0.4, 0.7)  # not the highest accuracy, not the later tie (best.pt keeps the first)
+    nothing = best_validation([{"val_loss": math.inf, "val_accuracy": 0.1}])
+    assert all(math.isnan(value) for value in nothing)
 
 
 def test_best_checkpoint_is_the_lowest_validation_loss_and_last_is_final(tiny_run):
