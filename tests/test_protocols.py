@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from conftest import compose_config
 from maml_runner.algorithms import build_algorithm
 from maml_runner.algorithms.base import sum_over_shots_loss
+from maml_runner.checkpoint import load_checkpoint, save_checkpoint
 from maml_runner.config import validate
 from maml_runner.data.base import TaskBatch
 from maml_runner.data.fast_episodes import cached_episodes
@@ -269,7 +270,7 @@ def test_reptile_persistent_inner_adam_carries_over_across_tasks_and_iterations(
     assert all(torch.equal(a, b) for a, b in zip(only_first[0].model.parameters(), only_first[1].model.parameters()))
 
 
-def test_reptile_evaluation_with_the_inner_adam_starts_from_its_state_and_restores_it():
+def test_reptile_evaluation_with_the_inner_adam_starts_from_its_state_and_restores_it(tmp_path):
     tasks = _tasks(2, 5, 1, 1)
     algorithm = _reptile("persistent", eval_optimizer="inner")
     algorithm.train_step(tasks, 0)
@@ -282,7 +283,8 @@ def test_reptile_evaluation_with_the_inner_adam_starts_from_its_state_and_restor
     fresh_eval.model.load_state_dict(algorithm.model.state_dict())
     assert fresh_eval.evaluate_task(tasks[1], 5)[0] != pytest.approx(loss, rel=1e-9)  # the state matters
     restored = _reptile("persistent", eval_optimizer="inner")
-    restored.load_checkpoint_state(algorithm.checkpoint_state())  # resume keeps the state
+    save_checkpoint(tmp_path / "last.pt", {"algorithm": algorithm.checkpoint_state()})
+    restored.load_checkpoint_state(load_checkpoint(tmp_path / "last.pt")["algorithm"])  # resume keeps the state
     assert restored.evaluate_task(tasks[1], 5)[0] == pytest.approx(loss, rel=1e-12)
 
 
