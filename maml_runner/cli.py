@@ -49,6 +49,10 @@ def _main(cfg: DictConfig) -> float | None:
 
     try:
         output_dir = Path(HydraConfig.get().runtime.output_dir)
+        from .eval_only import evaluate_only, is_eval_only
+        if is_eval_only(cfg):  # test a trained run again (train.resume), write beside its results, train nothing
+            evaluate_only(cfg, output_dir, list(HydraConfig.get().overrides.task))
+            return None  # nothing for a sweeper to optimise: the run's training is fixed
         # ---- issue 4 hook: inner-step ablation instead of one run; report.md after a run -------------------
         if cfg.get("ablation") is not None and cfg.ablation.get("enabled", False):
             from .ablation import run_ablation

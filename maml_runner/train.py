@@ -1,6 +1,7 @@
 """The one training loop: meta-train, validate on fixed tasks, checkpoint best/last, resume, then test."""
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import resource
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from tqdm import tqdm
 
 from . import config as config_checks
@@ -299,11 +300,17 @@ class Trainer:
 
     # ---- test --------------------------------------------------------------------------------------
     def test(self, which: str | None = None) -> dict:
-        which = which or str(self.cfg.eval.checkpoint)
-        path = self.checkpoint_dir / f"{which}.pt"
-        if which == "best" and not path.is_file() and (self.checkpoint_dir / LAST).is_file():
-            log.warning("no best.pt (no finite validation loss was reached): testing %s instead", LAST)
-            which, path = "last", self.checkpoint_dir / LAST
+        which, path = checkpoint_to_test(self.checkpoint_dir, which or str(self.cfg.eval.checkpoint))
+        row, result = self.evaluate_checkpoint(path, which)
+        write_csv(self.run_dir / "results.csv", [row], RESULT_COLUMNS)
+        # Per-task values: paired comparisons between runs tested on the same tasks (eval.seed) need them.
+        write_csv(self.run_dir / TEST_TASKS_FILE, result.task_rows(), TEST_TASKS_COLUMNS)
+        row["run_dir"] = str(self.run_dir)  # not a CSV column: tells the CLI where a resumed run wrote its files
+        return row
+
+    def evaluate_checkpoint(self, path: Path, which: str):
+        """Load `path` and test it on the eval.num_tasks fixed test tasks; returns (results row, EvalResult).
+        Writes nothing (`test` writes results.csv, eval_only.evaluate_only its own files)."""
         self._load_algorithm(path)
         tasks = self.sources["test"].iter_fixed_tasks(int(self.cfg.eval.num_tasks), int(self.cfg.eval.seed))
         result = evaluate(self.algorithm, tasks, int(self.cfg.eval.inner_steps), self.device)
@@ -318,11 +325,36 @@ class Trainer:
                "iterations_done": self.iteration, "train_seconds": round(self.train_seconds, 3),
                "seconds_per_iteration": self.train_seconds / done, "peak_memory_mb": round(peak_memory_mb(self.device), 1),
                "device": str(self.device)}
-        write_csv(self.run_dir / "results.csv", [row], RESULT_COLUMNS)
-        # Per-task values: paired comparisons between runs tested on the same tasks (eval.seed) need them.
-        write_csv(self.run_dir / TEST_TASKS_FILE, result.task_rows(), TEST_TASKS_COLUMNS)
-        row["run_dir"] = str(self.run_dir)  # not a CSV column: tells the CLI where a resumed run wrote its files
-        return row
+        return row, result
+
+
+def checkpoint_to_test(checkpoint_dir: Path, which: str) -> tuple[str, Path]:
+    """(name, path) of the checkpoint eval.checkpoint asks for; best.pt falls back to last.pt when no finite
+    validation loss was ever reached (there is no best.pt then)."""
+    path = Path(checkpoint_dir) / f"{which}.pt"
+    if which == "best" and not path.is_file() and (Path(checkpoint_dir) / LAST).is_file():
+        log.warning("no best.pt (no finite validation loss was reached): testing %s instead", LAST)
+        which, path = "last", Path(checkpoint_dir) / LAST
+    return which, path
+
+
+def without_mode_keys(cfg: DictConfig) -> DictConfig:
+    """The run's config without eval.only: it says what this command does, not what a run is, so it stays out of
+    checkpoints and of the config comparisons of resume (runs saved before the key existed still match)."""
+    if OmegaConf.select(cfg, "eval.only", default=_MISSING) is _MISSING:
+        return cfg
+    value = OmegaConf.select(cfg, "eval.only")
+    if value is not False:
+        shown = str(value).lower() if isinstance(value, bool) else value
+        raise UserError(f"eval.only={shown} reached a training run; eval.only=true is run by maml-run "
+                        f"(eval_only.evaluate_only), which tests train.resume=<run dir or .pt> without training")
+    cfg = copy.deepcopy(cfg)
+    with read_write(cfg), open_dict(cfg):
+        del cfg.eval["only"]
+    return cfg
+
+
+_MISSING = object()
 
 
 def finished_results(cfg: DictConfig, run_dir: Path, checkpoint: Path) -> dict | None:
@@ -361,6 +393,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Trainer:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Train (or resume), then test on held-out tasks. Returns the results row."""
     config_checks.validate(cfg)  # before anything is written
+    cfg = without_mode_keys(cfg)
     run_dir = Path(run_dir)
     checkpoint = find_resume_checkpoint(cfg, run_dir)
     if checkpoint is not None:

@@ -137,13 +137,16 @@ def main() -> int:
         ("foreign checkpoint (not written by maml-run)", [f"train.resume={foreign}"]),
         ("checkpoint that would run code when unpickled", [f"train.resume={crafted}"]),
         ("run directory in use by another maml-run", [f"hydra.run.dir={tmp / 'busy'}"]),
+        ("eval.only=true without a trained run to test", ["eval.only=true"]),
+        ("eval.only=true changing what was trained", ["eval.only=true", f"train.resume={finished}",
+                                                      "algorithm.inner_lr=0.1"]),
     ]
     setups = {"run directory in use by another maml-run": lambda: busy(tmp / "busy", pids)}
     print("# Bad input: what maml-run prints\n\n"
           "Produced by `.venv/bin/python scripts/bad_input_table.py > docs/bad_input.md` (a tiny synthetic Omniglot in a "
           "temporary\ndirectory; `<tmp>` stands for it). Each line is the last line on stderr; nothing else is printed "
           "and no result file is\nwritten half. The tests (`tests/test_bad_input.py`, `tests/test_checkpoint.py`, "
-          "`tests/test_train.py`, `tests/test_run_lock.py`) assert these messages.\n")
+          "`tests/test_train.py`, `tests/test_run_lock.py`, `tests/test_eval_only.py`) assert these messages.\n")
     print("| bad input | command line (after `maml-run`) | message (stderr) | exit code |")
     print("|---|---|---|---|")
     for what, overrides in cases:
