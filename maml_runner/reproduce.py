@@ -16,11 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError
 from .io import atomic_write_text, read_csv, write_csv
+from .paths import CONF_DIR, PAPER_RESULTS  # a checkout's conf/, or the copy inside an installed wheel
 
 log = logging.getLogger(__name__)
 
-PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TABLE_COLUMNS = ["method", "setting", "experiment", "metric", "ours", "ours_ci95", "paper", "paper_ci95",
                  "difference", "iterations", "iterations_configured", "paper_iterations", "budget", "n_tasks",
                  "eval_steps", "seconds",

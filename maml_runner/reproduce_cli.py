@@ -23,11 +23,7 @@ def main(argv=None) -> int:
     import maml_runner  # noqa: F401  (first: keeps gym's import banner quiet)
     from . import reproduce as reproduce_module
     from .errors import UserError
-    from .paths import CONF_DIR
 
-    # reproduce.py composes from <package>/../conf, which an installed wheel lacks: point it at the config
-    # directory maml-run uses (the checkout's conf/, else the copy shipped in the wheel).
-    reproduce_module.CONF_DIR = CONF_DIR
     tables = reproduce_module.load_tables()
     parser = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", choices=sorted(tables), help="which table")
