@@ -21,6 +21,7 @@ declare -A variants=(
   [3_affine_bn]="$preset model.bn_scale=true model.bn_eps=1e-5 model.bn_adapted=true"
   [4_lanczos_images]="$preset dataset.image_resize=lanczos"
   [5_pytorch_init]="$preset model.init=pytorch model.head_init=same"
+  [5b_xavier_head]="$preset model.head_init=same"
   [6_symmetric_padding]="$preset model.padding=symmetric"
 )
 for name in ${VARIANTS:-$(printf '%s\n' "${!variants[@]}" | sort)}; do
@@ -36,6 +37,6 @@ if [ -f "$out/1_faithful/results.csv" ] && [ ! -f "$out/7_best_checkpoint/result
   .venv/bin/maml-run "$preset" eval.checkpoint=best train.resume=true "${common[@]}" hydra.run.dir="$out/7_best_checkpoint"
 fi
 .venv/bin/python scripts/aggregate.py "$out" --out "$out/vs_defaults" > /dev/null
-.venv/bin/python scripts/aggregate.py "$out" --out "$out/vs_faithful" --baseline "experiment=finn2017_maml_${setting}" > /dev/null
+.venv/bin/python scripts/aggregate.py "$out" --out "$out/vs_faithful" --baseline run=1_faithful > /dev/null
 cat "$out/vs_defaults/aggregate.md"
 echo; echo "# Against the faithful preset"; sed -n '/^## Paired/,$p' "$out/vs_faithful/aggregate.md"
