@@ -183,16 +183,21 @@ def load_omniglot(root, image_size: int = 28, cache_dir=None, download: bool = F
     sources = locate_omniglot(root, download)
     characters = _character_files(sources[PARTS[0]]) | _character_files(sources[PARTS[1]])
     mode = "" if resize == "lanczos" else f"{resize}_"  # the lanczos cache keeps its earlier name
-    cache = _cache_dir(root, cache_dir) / f"omniglot_{image_size}px_{mode}{_fingerprint(sources, characters)}.pt"
+    name = f"omniglot_{image_size}px_{mode}{_fingerprint(sources, characters)}.pt"
+    cache = _cache_dir(root, cache_dir) / name
     images = None
-    if cache.is_file():
+    # A cache someone built beside a read-only dataset (a shared data folder) is read, never replaced or deleted.
+    shared = root / name if cache_dir is None and not cache.is_file() and (root / name).is_file() else None
+    for candidate in [c for c in (cache, shared) if c is not None and c.is_file()]:
         try:
-            images = torch.load(cache, weights_only=True)["images"]
+            images = torch.load(candidate, weights_only=True)["images"]
             if images.shape[0] != len(characters) * DRAWINGS_PER_CHARACTER:
                 raise ValueError("image count differs")
+            break
         except Exception as exc:
-            log.warning("rebuilding the Omniglot cache %s (%s)", cache, type(exc).__name__)
-            cache.unlink(missing_ok=True)
+            log.warning("not using the Omniglot cache %s (%s)", candidate, type(exc).__name__)
+            if candidate == cache:
+                cache.unlink(missing_ok=True)
             images = None
     if images is None:
         log.info("decoding %d Omniglot images to %dx%d (once; cached at %s)",

@@ -222,3 +222,21 @@ def test_read_only_root_caches_in_home(tmp_path, monkeypatch):
         root.chmod(0o755)
     assert not list(root.glob("*.pt")), "wrote a cache into a read-only data root"
     assert len(list((tmp_path / "home" / ".cache" / "maml_runner" / "omniglot").glob("*.pt"))) == 1
+
+
+def test_a_cache_beside_a_read_only_dataset_is_read_not_rebuilt(tmp_path, monkeypatch):
+    root = make_fake_omniglot(tmp_path / "shared")
+    built = load_omniglot(root, 28)  # writable root: the cache is written beside the data
+    (shared_cache,) = root.glob("omniglot_28px_*.pt")
+    home = tmp_path / "home"
+    monkeypatch.setattr(omniglot, "_cache_dir", lambda r, c: home / ".cache")  # as if the root were read-only
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again although the data folder holds a cache")
+    monkeypatch.setattr(omniglot, "decode_images", no_decoding)
+    assert torch.equal(load_omniglot(root, 28).images, built.images)
+    shared_cache.write_bytes(b"garbage")  # a broken shared cache: decoded into the user's cache, left in place
+    monkeypatch.undo()
+    monkeypatch.setattr(omniglot, "_cache_dir", lambda r, c: home / ".cache")
+    assert torch.equal(load_omniglot(root, 28).images, built.images)
+    assert shared_cache.read_bytes() == b"garbage" and len(list((home / ".cache").glob("*.pt"))) == 1
