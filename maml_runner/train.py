@@ -338,6 +338,9 @@ def checkpoint_to_test(checkpoint_dir: Path, which: str) -> tuple[str, Path]:
     return which, path
 
 
+_MISSING = object()
+
+
 def without_mode_keys(cfg: DictConfig) -> DictConfig:
     """The run's config without eval.only: it says what this command does, not what a run is, so it stays out of
     checkpoints and of the config comparisons of resume (runs saved before the key existed still match)."""
@@ -352,9 +355,6 @@ def without_mode_keys(cfg: DictConfig) -> DictConfig:
     with read_write(cfg), open_dict(cfg):
         del cfg.eval["only"]
     return cfg
-
-
-_MISSING = object()
 
 
 def finished_results(cfg: DictConfig, run_dir: Path, checkpoint: Path) -> dict | None:
