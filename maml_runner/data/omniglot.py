@@ -187,8 +187,8 @@ def load_omniglot(root, image_size: int = 28, cache_dir=None, download: bool = F
     cache = _cache_dir(root, cache_dir) / name
     images = None
     # A cache someone built beside a read-only dataset (a shared data folder) is read, never replaced or deleted.
-    shared = root / name if cache_dir is None and not cache.is_file() and (root / name).is_file() else None
-    for candidate in [c for c in (cache, shared) if c is not None and c.is_file()]:
+    candidates = [cache] if cache.is_file() else [root / name] if cache_dir is None else []
+    for candidate in [c for c in candidates if c.is_file()]:
         try:
             images = torch.load(candidate, weights_only=True)["images"]
             if images.shape[0] != len(characters) * DRAWINGS_PER_CHARACTER:
