@@ -30,7 +30,7 @@ POSITIVE_FLOATS = ["algorithm.inner_lr", "algorithm.outer_lr", "algorithm.meta_s
 FRACTIONS = ["algorithm.msl_fraction", "algorithm.first_order_fraction"]
 OPTIONAL_POSITIVE_INTS = ["hardware.threads", "algorithm.bn_steps", "dataset.eval_query_shots"]
 OPTIONAL_POSITIVE_FLOATS = ["train.grad_clip", "algorithm.eval_inner_lr", "train.max_minutes",
-                            "algorithm.rate_outer_lr"]
+                            "algorithm.rate_outer_lr", "train.grad_clip_value"]
 BOOLS = ["algorithm.first_order", "hardware.deterministic", "algorithm.multi_step_loss",
          "algorithm.derivative_order_annealing", "algorithm.learned_step_rates", "algorithm.per_step_bn",
          "algorithm.cosine_annealing", "model.bn_scale", "model.bn_adapted"]

@@ -387,6 +387,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Trainer:
     algorithm = build_algorithm(model, cfg.algorithm, sources["train"].task_type, int(cfg.train.iterations),
                                 grad_clip=cfg.train.get("grad_clip"), train_source=sources["train"],
                                 vectorize=str(cfg.hardware.get("vectorize", "auto"))).to(device)
+    algorithm.grad_clip_value = cfg.train.get("grad_clip_value")  # element-wise, after train.grad_clip's norm clip
     return Trainer(cfg, run_dir, algorithm, sources, device)
 
 

@@ -50,6 +50,7 @@ class MetaAlgorithm(nn.Module, ABC):
         self.loss_fn = task_loss_fn(task_type)  # the loss adapted and meta-trained on (`set_loss_reduction`)
         self.report_loss_fn = self.loss_fn      # the loss reported for validation and test: always the mean
         self.grad_clip = None
+        self.grad_clip_value = None  # train.grad_clip_value: element-wise clip of the meta-gradient
         self.model = model
         if outer_loop_only(model) and not self.honours_outer_loop_only:
             raise UserError(f"model.bn_adapted=false is supported by maml, fomaml, anil and mamlpp; algorithm="
@@ -132,8 +133,10 @@ class MetaAlgorithm(nn.Module, ABC):
 
     def finish_step(self, loss: float, acc: float, iteration: int) -> dict[str, float]:
         max_norm = float(self.grad_clip) if self.grad_clip else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            [p for p in self.parameters() if p.grad is not None], max_norm))
+        gradients = [p for p in self.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(gradients, max_norm))
+        if self.grad_clip_value:  # after the norm is read: clamping would turn an inf gradient into a finite one
+            torch.nn.utils.clip_grad_value_(gradients, float(self.grad_clip_value))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()

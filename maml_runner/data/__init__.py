@@ -6,6 +6,7 @@ from .base import EpisodeSource, Task, seeded_global_rng
 from .sinusoid import SinusoidTasks
 
 SPLITS = ("train", "validation", "test")
+KINDS = ("sinusoid", "omniglot", "miniimagenet", "image_folder")
 
 
 def build_sources(dataset_cfg) -> dict[str, EpisodeSource]:
@@ -17,7 +18,13 @@ def build_sources(dataset_cfg) -> dict[str, EpisodeSource]:
     if kind == "omniglot":
         from .omniglot import build_omniglot
         return build_omniglot(dataset_cfg)
-    raise UserError(f"dataset.kind={kind!r} is not known; use omniglot or sinusoid")
+    if kind == "miniimagenet":
+        from .miniimagenet import build_miniimagenet
+        return build_miniimagenet(dataset_cfg)
+    if kind == "image_folder":
+        from .image_folder import build_image_folder
+        return build_image_folder(dataset_cfg)
+    raise UserError(f"dataset.kind={kind!r} is not known; use one of {', '.join(KINDS)}")
 
 
-__all__ = ["EpisodeSource", "Task", "seeded_global_rng", "build_sources", "SPLITS"]
+__all__ = ["EpisodeSource", "Task", "seeded_global_rng", "build_sources", "SPLITS", "KINDS"]
