@@ -61,7 +61,7 @@ def make_miniimagenet_csv(root, classes=(10, 5, 5), per_class=30, moved=False, s
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
                 filename = f"{class_name(label)}{i:08d}.jpg"
-                Image.fromarray(class_image(label, i, size)).save(folder / filename, quality=95)
+                Image.fromarray(class_image(label, i, size)).save(folder / filename, quality=95, subsampling=0)
                 rows.append((filename, class_name(label)))
         with open(root / SPLIT_CSVS[split], "w", newline="") as handle:
             csv.writer(handle).writerows(rows)
