@@ -114,7 +114,7 @@ def _fake_runner(accuracies: dict, stopped_at: dict | None = None):
 def test_full_budget_only_when_every_cell_finished_the_papers_iterations(tmp_path):
     acc = np.array([0.9, 0.8, 1.0])
     accuracies = {("maml", "omniglot_5w1s"): acc, ("fomaml", "omniglot_5w1s"): acc}
-    reproduce("finn2017", tmp_path / "stopped", budget=1.0, cells=["5w1s"], report=False,
+    reproduce("finn2017", tmp_path / "stopped", budget=1.0, cells=["maml_5w1s"], report=False,
               runner=_fake_runner(accuracies, stopped_at={"fomaml": 25000}))
     table = read_csv(tmp_path / "stopped" / "table.csv", typed=True)
     assert [(r["iterations"], r["iterations_configured"]) for r in table] == [(60000, 60000), (25000, 60000)]
@@ -122,7 +122,7 @@ def test_full_budget_only_when_every_cell_finished_the_papers_iterations(tmp_pat
     assert "Full budget" not in text
     assert "**Not the full budget: 1 of 2 cells did not finish the paper's iterations** (finn2017_fomaml_5w1s " \
            "25,000 of 60,000)" in text and "| 25,000 / 60,000 |" in text
-    reproduce("finn2017", tmp_path / "full", budget=1.0, cells=["5w1s"], report=False,
+    reproduce("finn2017", tmp_path / "full", budget=1.0, cells=["maml_5w1s"], report=False,
               runner=_fake_runner(accuracies))
     assert "Full budget: every cell trained for the paper's number of iterations." in \
         (tmp_path / "full" / "table.md").read_text()
@@ -131,7 +131,7 @@ def test_full_budget_only_when_every_cell_finished_the_papers_iterations(tmp_pat
 def test_table_writer_lists_ours_paper_difference_budget_and_paired_comparison(tmp_path):
     maml = np.array([0.9, 0.8, 1.0, 0.9, 0.7])
     runner = _fake_runner({("maml", "omniglot_5w1s"): maml, ("fomaml", "omniglot_5w1s"): maml - 0.1})
-    rows = reproduce("finn2017", tmp_path, budget=0.002, cells=["5w1s"], runner=runner, report=False)
+    rows = reproduce("finn2017", tmp_path, budget=0.002, cells=["maml_5w1s"], runner=runner, report=False)
     assert [r["experiment"] for r in rows] == ["finn2017_maml_5w1s", "finn2017_fomaml_5w1s"]
     table = read_csv(tmp_path / "table.csv", typed=True)
     assert table[0]["ours"] == pytest.approx(86.0) and table[0]["paper"] == 98.7

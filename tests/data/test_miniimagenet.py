@@ -371,3 +371,26 @@ def test_image_classes_cache_dir_prefers_a_writable_root(tmp_path, monkeypatch):
             tmp_path / "home" / ".cache" / "maml_runner" / "miniimagenet"
     finally:
         tmp_path.joinpath("ro").chmod(0o755)
+
+
+# ---- the paper table -----------------------------------------------------------------------------------------------
+def test_finn2017_table_has_the_miniimagenet_cells_and_compares_within_them(tmp_path):
+    from maml_runner.io import write_csv
+    from maml_runner.reproduce import load_tables, reproduce
+
+    cells = {c["experiment"]: (c["setting"], c["paper"], c["paper_ci95"]) for c in load_tables()["finn2017"]["cells"]}
+    assert cells["finn2017_maml_miniimagenet_5w1s"] == ("miniImageNet 5-way 1-shot", 48.70, 1.84)
+    assert cells["finn2017_fomaml_miniimagenet_5w5s"] == ("miniImageNet 5-way 5-shot", 63.15, 0.91)
+    accuracy = {"maml": np.array([0.5, 0.4, 0.6, 0.5]), "fomaml": np.array([0.4, 0.4, 0.5, 0.5])}
+
+    def runner(cfg, run_dir):
+        acc = accuracy[cfg.algorithm.name]
+        write_csv(run_dir / "test_tasks.csv", [{"task": i, "loss": 1 - a, "accuracy": a} for i, a in enumerate(acc)])
+        return {"mean": acc.mean(), "ci95": 0.01, "n_tasks": acc.size, "iterations_done": int(cfg.train.iterations)}
+
+    rows = reproduce("finn2017", tmp_path, budget=0.001, cells=["miniimagenet_5w1s"], runner=runner, report=False)
+    assert [r["experiment"] for r in rows] == ["finn2017_maml_miniimagenet_5w1s", "finn2017_fomaml_miniimagenet_5w1s"]
+    assert [r["iterations"] for r in rows] == [60, 60]
+    text = (tmp_path / "table.md").read_text()
+    assert "| MAML | miniImageNet 5-way 1-shot | 50.00 ± 1.00 | 48.70 ± 1.84 | +1.30 | 60 / 60,000 | 4 | 10 | done |" in text
+    assert "| miniImageNet 5-way 1-shot | first-order MAML − MAML | -5.00 |" in text
