@@ -202,6 +202,18 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
     assert not (tmp_path / "marker").exists()
 
 
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_pickles_of_every_protocol_are_read(tmp_path, protocol):
+    """learn2learn's files are protocol 2-4 pickles from numpy 1.x; newer writers use protocol 5 (_frombuffer)."""
+    images = np.arange(2 * 84 * 84 * 3, dtype=np.int64).astype(np.uint8).reshape(2, 84, 84, 3)
+    for name in SPLIT_PICKLES.values():
+        with open(tmp_path / name, "wb") as handle:
+            pickle.dump({"image_data": images, "class_dict": {name[:-4]: [np.int64(1), 0]}}, handle, protocol=protocol)
+    data = load_miniimagenet(tmp_path)
+    assert data.images.shape == (6, 3, 84, 84)
+    assert np.array_equal(data.images[0].numpy(), images[1].transpose(2, 0, 1))
+
+
 def test_a_pickle_with_the_wrong_content_is_named(tmp_path):
     root = make_miniimagenet_pickles(tmp_path / "data", per_class=3)
     with open(root / SPLIT_PICKLES["train"], "wb") as handle:
