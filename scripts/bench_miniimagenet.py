@@ -129,8 +129,8 @@ def main(argv=None) -> int:
     print(f"CPU, {os.cpu_count()} cores | torch {torch.__version__} | threads {torch.get_num_threads()} | load average "
           f"{load:.2f} | {args.iterations} timed iterations per path (median)", flush=True)
     print("| case | meta-batch | images per task | threads | per-task loop s/iter | fast path s/iter | ratio | "
-          "vectorize=auto picks | grad diff f32 / f64 | sampling ms |\n|---|---:|---:|---:|---:|---:|---:|---|---|---:|",
-          flush=True)
+          "vectorize=auto picks | grad diff f32 / f64 | sampling ms |", flush=True)
+    print("|---|---:|---:|---:|---:|---:|---:|---|---|---:|", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         root = make_random_miniimagenet(Path(folder), per_class=max(args.query) + 1)
         for algorithm in args.algorithms:

@@ -404,5 +404,6 @@ def test_finn2017_table_has_the_miniimagenet_cells_and_compares_within_them(tmp_
     assert [r["experiment"] for r in rows] == ["finn2017_maml_miniimagenet_5w1s", "finn2017_fomaml_miniimagenet_5w1s"]
     assert [r["iterations"] for r in rows] == [60, 60]
     text = (tmp_path / "table.md").read_text()
-    assert "| MAML | miniImageNet 5-way 1-shot | 50.00 ± 1.00 | 48.70 ± 1.84 | +1.30 | 60 / 60,000 | 4 | 10 | done |" in text
+    assert "| MAML | miniImageNet 5-way 1-shot | 50.00 ± 1.00 | 48.70 ± 1.84 | +1.30 | 60 / 60,000 | 4 | 10 | done |" \
+        in text
     assert "| miniImageNet 5-way 1-shot | first-order MAML − MAML | -5.00 |" in text
