@@ -180,6 +180,29 @@ def test_binary_nearest_images_are_binary_and_lanczos_ones_are_not(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # one cache per resize mode
 
 
+@pytest.mark.parametrize("experiment", ["nichol2018_reptile_5w1s", "antoniou2019_mamlpp_5w1s"])
+def test_ink_zero_keeps_the_pngs_polarity_as_reptile_and_mamlpp_load_them(tmp_path, experiment):
+    ink0 = _fixture_sources(experiment, tmp_path)  # the preset: dataset.ink=0
+    ink1 = _fixture_sources(experiment, tmp_path, "dataset.ink=1")
+    for split in ("train", "test"):
+        dark, bright = ink0[split].images.images, ink1[split].images.images
+        assert torch.equal(dark, 1 - bright)
+        assert set(dark.unique().tolist()) == {0.0, 1.0} and dark.mean() > 0.5  # binary; background 1, ink 0
+    random.seed(3)
+    task = cached_episodes(ink0["train"]).sample_batch(2)  # the fast sampler serves the same images
+    assert task.support_x.mean() > 0.5
+
+
+@pytest.mark.parametrize("value,shown", [(2, "2"), ("white", "'white'"), (True, "true")])
+def test_bad_ink_is_one_line_error(tmp_path, value, shown):
+    cfg = compose_config(["dataset=omniglot_5w1s"])
+    cfg.dataset.ink = value
+    with pytest.raises(UserError) as error:
+        build_omniglot(cfg.dataset)
+    assert str(error.value) == (f"dataset.ink={shown} is invalid: expected 1 (ink 1 on a background of 0, "
+                                f"cbfinn/maml) or 0 (ink 0 on a background of 1, supervised-reptile and MAML++)")
+
+
 # ---- presets -------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("setting", ["5w1s", "5w5s", "20w1s", "20w5s"])
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml"])
@@ -198,7 +221,7 @@ def test_finn2017_presets_compose_to_the_released_code(algorithm, setting):
 
 def test_generic_presets_keep_the_runner_defaults():
     cfg = compose_config(["dataset=omniglot_5w1s"])
-    assert cfg.algorithm.loss_reduction == "mean" and cfg.dataset.image_resize == "lanczos"
+    assert cfg.algorithm.loss_reduction == "mean" and cfg.dataset.image_resize == "lanczos" and cfg.dataset.ink == 1
     assert (cfg.model.bn_scale, cfg.model.bn_adapted, cfg.model.padding, cfg.model.init) == \
         (True, True, "symmetric", "pytorch")
     assert cfg.eval.checkpoint == "best"
@@ -288,11 +311,11 @@ def test_reptile_evaluation_with_the_inner_adam_starts_from_its_state_and_restor
     assert restored.evaluate_task(tasks[1], 5)[0] == pytest.approx(loss, rel=1e-12)
 
 
-def _fixture_sources(experiment: str, tmp_path):
+def _fixture_sources(experiment: str, tmp_path, *overrides):
     """A preset's episode sources on a tiny generated Omniglot (3-way, 6/3/3 characters)."""
     root = make_fake_omniglot(tmp_path / "data")
     cfg = compose_config([f"experiment={experiment}", f"dataset.root={root}", "dataset.ways=3",
-                          "dataset.split=[6,3,3]", f"dataset.cache_dir={tmp_path}"])
+                          "dataset.split=[6,3,3]", f"dataset.cache_dir={tmp_path}", *overrides])
     return build_omniglot(cfg.dataset)
 
 

@@ -6,7 +6,8 @@ verified by content (every character has 20 drawings), decoded once to 28x28 (in
 is what cbfinn/maml's resize script produced: PIL's resize(LANCZOS) on the original mode-"1" PNGs resamples with
 nearest neighbour (PIL does so for modes "1" and "P"), so the images stay binary. Characters are shuffled with a
 fixed seed into meta-train / meta-validation / meta-test; each class of a task is one character rotated by a random
-multiple of 90 degrees (`dataset.eval_rotations` may turn that off for validation and test tasks).
+multiple of 90 degrees (`dataset.eval_rotations` may turn that off for validation and test tasks). `dataset.ink`
+picks the polarity the models see (1: ink 1 on 0, the default and cbfinn/maml's; 0: the PNGs' dark ink on 1).
 """
 from __future__ import annotations
 
@@ -238,11 +239,28 @@ def write_split(path, names: list[str], split: dict[str, np.ndarray], seed: int)
 
 
 # ---- episodes ----------------------------------------------------------------------------------------------
-class CharacterImages(torch.utils.data.Dataset):
-    """The images of some characters, float in [0, 1]; label = character id."""
+INK_VALUES = (1, 0)  # dataset.ink
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+
+def check_ink(dataset_cfg) -> int:
+    """`dataset.ink`: 1 (the runner's default and cbfinn/maml's `1 - x/255`: ink 1 on a background of 0) or 0 (the
+    PNGs' own polarity, ink 0 on a background of 1, as openai/supervised-reptile and MAML++'s loaders read them)."""
+    ink = dataset_cfg.get("ink", 1)
+    if isinstance(ink, bool) or ink not in INK_VALUES:
+        shown = str(ink).lower() if isinstance(ink, bool) else repr(ink) if isinstance(ink, str) else ink
+        raise UserError(f"dataset.ink={shown} is invalid: expected 1 (ink 1 on a background of 0, cbfinn/maml) or 0 "
+                        f"(ink 0 on a background of 1, supervised-reptile and MAML++)")
+    return int(ink)
+
+
+class CharacterImages(torch.utils.data.Dataset):
+    """The images of some characters, float in [0, 1]; label = character id. The cache holds ink = 255; `ink=0`
+    inverts (background 1)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, ink: int = 1):
         self.images = images.float().div_(255.0)
+        if ink == 0:
+            self.images = self.images.neg_().add_(1.0)
         self.labels = labels.tolist()
 
     def __len__(self) -> int:
@@ -364,6 +382,7 @@ def check_ways(dataset_cfg, split_sizes: dict[str, int]) -> None:
 def build_omniglot(dataset_cfg) -> dict[str, OmniglotTasks]:
     """Episode sources for the train / validation / test characters."""
     check_task_shape(dataset_cfg)
+    ink = check_ink(dataset_cfg)
     data = load_omniglot(dataset_cfg.root, int(dataset_cfg.get("image_size", 28)), dataset_cfg.get("cache_dir"),
                          bool(dataset_cfg.get("download", False)), str(dataset_cfg.get("image_resize", "lanczos")))
     seed = int(dataset_cfg.get("split_seed", 1))
@@ -377,7 +396,7 @@ def build_omniglot(dataset_cfg) -> dict[str, OmniglotTasks]:
         mask = torch.zeros(data.num_characters, dtype=torch.bool)
         mask[torch.as_tensor(ids)] = True
         keep = mask[data.labels]
-        images = CharacterImages(data.images[keep], data.labels[keep])
+        images = CharacterImages(data.images[keep], data.labels[keep], ink)
         query = int(dataset_cfg.query_shots) if name == "train" else eval_query_shots(dataset_cfg)
         sources[name] = OmniglotTasks(images, int(dataset_cfg.ways), int(dataset_cfg.shots), query,
                                       degrees if name == "train" else eval_degrees)
