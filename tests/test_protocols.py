@@ -203,6 +203,29 @@ def test_bad_ink_is_one_line_error(tmp_path, value, shown):
                                 f"cbfinn/maml) or 0 (ink 0 on a background of 1, supervised-reptile and MAML++)")
 
 
+def test_rotations_as_classes_makes_each_training_rotation_a_class(tmp_path):
+    plain = _fixture_sources("nichol2018_reptile_5w1s", tmp_path, "dataset.rotations_as_classes=false")
+    sources = _fixture_sources("nichol2018_reptile_5w1s", tmp_path)  # the preset: true
+    train, before = sources["train"], plain["train"]
+    assert train.num_classes == 4 * before.num_classes and train.quarter_turns == [0]
+    assert train.num_pooled_classes == before.num_pooled_classes  # the pretrain baseline's classes are unchanged
+    images, labels = train.images.images, torch.tensor(train.images.labels)
+    drawing = before.images.images[0]
+    character = before.images.labels[0]
+    for i in range(4):  # class character*4 + i holds the drawings turned i quarter turns
+        turned = images[labels == character * 4 + i]
+        assert turned.shape[0] == 20 and any(torch.equal(x, torch.rot90(drawing, i, dims=(-2, -1))) for x in turned)
+    assert sources["test"].num_classes == plain["test"].num_classes  # test classes are characters, unrotated
+    random.seed(0)
+    tasks = cached_episodes(train).sample_batch(4)  # the fast sampler draws from the enlarged class set
+    assert tasks.support_x.shape == (4, 3, 1, 28, 28)
+
+
+def test_bad_rotations_as_classes_is_one_line_error(tmp_path):
+    with pytest.raises(UserError, match=r"^dataset.rotations_as_classes='yes' is invalid: expected true or false$"):
+        _fixture_sources("nichol2018_reptile_5w1s", tmp_path, "dataset.rotations_as_classes=yes")
+
+
 # ---- presets -------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("setting", ["5w1s", "5w5s", "20w1s", "20w5s"])
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml"])

@@ -6,7 +6,8 @@ verified by content (every character has 20 drawings), decoded once to 28x28 (in
 is what cbfinn/maml's resize script produced: PIL's resize(LANCZOS) on the original mode-"1" PNGs resamples with
 nearest neighbour (PIL does so for modes "1" and "P"), so the images stay binary. Characters are shuffled with a
 fixed seed into meta-train / meta-validation / meta-test; each class of a task is one character rotated by a random
-multiple of 90 degrees (`dataset.eval_rotations` may turn that off for validation and test tasks). `dataset.ink`
+multiple of 90 degrees (`dataset.eval_rotations` may turn that off for validation and test tasks), or, with
+`dataset.rotations_as_classes`, each training character in each rotation is a class of its own. `dataset.ink`
 picks the polarity the models see (1: ink 1 on 0, the default and cbfinn/maml's; 0: the PNGs' dark ink on 1).
 """
 from __future__ import annotations
@@ -352,6 +353,16 @@ class OmniglotTasks(EpisodeSource):
         return write_split(path, *self.split_info) if self.split_info else None
 
 
+def rotations_as_classes(images: torch.Tensor, labels: torch.Tensor, degrees) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every character in every rotation of `degrees` as a class of its own (supervised-reptile's `augment_dataset`):
+    label `character * len(degrees) + i` holds the drawings turned by `degrees[i]`. Tasks then draw classes from the
+    enlarged set, so one task may hold a character twice, in two rotations, as two classes."""
+    turns = [int(d) // 90 for d in degrees]
+    rotated = torch.cat([torch.rot90(images, k, dims=(-2, -1)) for k in turns])
+    classes = torch.cat([labels * len(turns) + i for i in range(len(turns))])
+    return rotated, classes
+
+
 def eval_query_shots(dataset_cfg) -> int:
     """Query examples per class in validation and test tasks: `dataset.eval_query_shots`, null = query_shots."""
     value = dataset_cfg.get("eval_query_shots")
@@ -391,14 +402,21 @@ def build_omniglot(dataset_cfg) -> dict[str, OmniglotTasks]:
     degrees = tuple(dataset_cfg.get("rotations", (0, 90, 180, 270)))
     eval_degrees = dataset_cfg.get("eval_rotations")
     eval_degrees = degrees if eval_degrees is None else tuple(eval_degrees)  # MAML++/Reptile: test classes unrotated
+    as_classes = dataset_cfg.get("rotations_as_classes", False)
+    if not isinstance(as_classes, bool):
+        raise UserError(f"dataset.rotations_as_classes={as_classes!r} is invalid: expected true or false")
     sources = {}
     for name, ids in split.items():
         mask = torch.zeros(data.num_characters, dtype=torch.bool)
         mask[torch.as_tensor(ids)] = True
         keep = mask[data.labels]
-        images = CharacterImages(data.images[keep], data.labels[keep], ink)
+        split_images, split_labels = data.images[keep], data.labels[keep]
+        split_degrees = degrees if name == "train" else eval_degrees
+        if name == "train" and as_classes:
+            split_images, split_labels = rotations_as_classes(split_images, split_labels, degrees)
+            split_degrees = (0,)  # the rotation is part of the class now
+        images = CharacterImages(split_images, split_labels, ink)
         query = int(dataset_cfg.query_shots) if name == "train" else eval_query_shots(dataset_cfg)
-        sources[name] = OmniglotTasks(images, int(dataset_cfg.ways), int(dataset_cfg.shots), query,
-                                      degrees if name == "train" else eval_degrees)
+        sources[name] = OmniglotTasks(images, int(dataset_cfg.ways), int(dataset_cfg.shots), query, split_degrees)
         sources[name].split_info = (data.names, split, seed)
     return sources
