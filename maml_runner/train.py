@@ -48,7 +48,7 @@ def result_columns(cfg: DictConfig | None = None) -> list[str]:
     return [*result_keys(cfg), *RESULT_METRIC_COLUMNS]
 
 
-RESULT_COLUMNS = result_columns()
+RESULT_COLUMNS = result_columns()  # without a config: for callers that build rows by hand (tests, tools)
 
 
 class Trainer:
