@@ -1,8 +1,9 @@
-"""Device choice, threads, seeding and determinism."""
+"""Device choice, threads, seeding and determinism; the peak-memory probe results.csv reports."""
 from __future__ import annotations
 
 import os
 import random
+import resource
 
 import numpy as np
 import torch
@@ -49,3 +50,29 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# ---- peak memory ------------------------------------------------------------------------------------------
+def reset_peak_memory(device: torch.device) -> None:
+    """Start this run's peak-memory count (sweep jobs share one process: the process-wide peak would carry over)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:  # Linux: "5" resets the resident-set high-water mark VmHWM
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak since `reset_peak_memory`: max allocated on CUDA, resident set size (VmHWM) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # KiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; process-wide peak

@@ -169,12 +169,14 @@ def write_report(cfg: DictConfig, run_dir: str | Path, row: dict | None = None, 
 
 
 def _adaptation_plot(cfg, run_dir: Path, row: dict, algorithm, n_plot: int) -> None:
+    from .checkpoint import load_algorithm
     from .data import build_sources
     from .train import build
 
     if algorithm is None:
         trainer = build(cfg, run_dir)
-        trainer._load_algorithm(trainer.checkpoint_dir / f"{row.get('checkpoint') or 'best'}.pt")
+        load_algorithm(trainer.algorithm, trainer.checkpoint_dir / f"{row.get('checkpoint') or 'best'}.pt",
+                       map_location=trainer.device)
         algorithm, source, device = trainer.algorithm, trainer.sources["test"], trainer.device
     else:
         source, device = build_sources(cfg.dataset)["test"], next(algorithm.parameters()).device

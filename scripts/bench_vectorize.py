@@ -20,18 +20,18 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from omegaconf import OmegaConf
+
+# bench_speed.py is this script's neighbour: Python puts the script's own directory first on sys.path.
+from bench_speed import DATASETS, omniglot_sources, relative_difference
+from maml_runner.algorithms import build_algorithm
+from maml_runner.data.fast_episodes import cached_episodes
+from maml_runner.data.sinusoid import SinusoidTasks
+from maml_runner.models import MLP, Conv4
+from maml_runner.paths import CONF_DIR
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from bench_speed import DATASETS, omniglot_sources, relative_difference  # noqa: E402
-from maml_runner.algorithms import build_algorithm  # noqa: E402
-from maml_runner.data.fast_episodes import cached_episodes  # noqa: E402
-from maml_runner.data.sinusoid import SinusoidTasks  # noqa: E402
-from maml_runner.models import MLP, Conv4  # noqa: E402
 
 ALGORITHMS = ("mamlpp", "maml", "fomaml")
 ALL_CASES = [f"{a}_{d}" for a in ALGORITHMS for d in DATASETS]
@@ -46,7 +46,7 @@ def build(case, args, root, notes, vectorize):
         source, model = omniglot_sources(ways, shots, query, root, notes), Conv4(ways)
     else:
         source, model = SinusoidTasks(shots, query), MLP()
-    algorithm_cfg = OmegaConf.load(REPO / "conf" / "algorithm" / f"{algorithm_name}.yaml")
+    algorithm_cfg = OmegaConf.load(CONF_DIR / "algorithm" / f"{algorithm_name}.yaml")
     algorithm_cfg.update(dict(inner_lr=inner_lr, inner_steps=args.steps))
     algorithm = build_algorithm(model, algorithm_cfg, source.task_type, TOTAL_ITERATIONS, vectorize=vectorize)
     return cached_episodes(source), algorithm

@@ -21,6 +21,7 @@ from maml_runner.data.base import EpisodeSource
 from maml_runner.errors import UserError
 from maml_runner.hardware import select_device
 from maml_runner.io import atomic_write_text, read_csv
+from maml_runner.lifecycle import MAX_CONSECUTIVE_SKIPS
 from maml_runner.train import run
 
 TINY = ["train.iterations=40", "train.val_interval=10", "train.val_tasks=4", "train.meta_batch_size=2",
@@ -214,7 +215,7 @@ def test_nan_policy_skip_skips_the_batches_and_keeps_parameters_finite(tmp_path,
 
 def test_nan_policy_skip_gives_up_after_many_non_finite_batches_in_a_row(tmp_path, monkeypatch):
     poison_training_samples(monkeypatch, range(1, 10**9))
-    with pytest.raises(UserError, match=rf"^{train_module.MAX_CONSECUTIVE_SKIPS} non-finite batches in a row "
+    with pytest.raises(UserError, match=rf"^{MAX_CONSECUTIVE_SKIPS} non-finite batches in a row "
                                         r"\(train.nan_policy=skip\): .* at iteration 20; last good checkpoint: "
                                         r".*last.pt \(iteration 10, "):
         run(compose_config([*TINY, "train.nan_policy=skip"]), tmp_path)

@@ -30,7 +30,7 @@ def stop_at(monkeypatch, iteration: int) -> None:
 
         def train_step(batch, i):
             if i + 1 == iteration:
-                trainer._stop_signal = signal.SIGTERM
+                trainer.signals.received = signal.SIGTERM
             return step(batch, i)
 
         trainer.algorithm.train_step = train_step
