@@ -84,10 +84,12 @@ def _main(cfg: DictConfig) -> float | None:
 
 def sweep_objective(row: dict) -> float:
     """The value a job returns to Hydra's sweeper (e.g. Optuna, direction minimize): the lowest validation loss the
-    run reached (results.csv best_val_loss; cross-entropy on classification, MSE on regression), nan when it reached
-    none. Never a test number: choosing hyperparameters by the test mean would make the reported test optimistic."""
+    run reached (results.csv best_val_loss; cross-entropy on classification, MSE on regression), +inf when it reached
+    none (a diverged trial ranks last; Optuna rejects nan and the Hydra plugin then aborts the whole search). Never a
+    test number: choosing hyperparameters by the test mean would make the reported test optimistic."""
     value = row.get("best_val_loss")
-    return math.nan if value is None else float(value)
+    value = math.nan if value is None else float(value)
+    return math.inf if math.isnan(value) else value
 
 
 def _write_report(cfg: DictConfig, run_dir: Path, row: dict) -> None:
