@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def _main(cfg: DictConfig) -> float | None:
         # ---- end of issue 4 hook ------------------------------------------------------------------------
     except (UserError, StopRequested, OmegaConfBaseException) as exc:
         if isinstance(exc, StopRequested):
+            requeue_through_submitit(exc)  # SIGUSR2 in a Slurm/submitit job: requeued, this process exits here
             if not getattr(exc, "resume_named", False):
                 exc.args = (f"{exc}; resume with: {resume_command(Path(exc.run_dir))}",)
             if _is_multirun():
@@ -90,6 +92,23 @@ def sweep_objective(row: dict) -> float:
     value = row.get("best_val_loss")
     value = math.nan if value is None else float(value)
     return math.inf if math.isnan(value) else value
+
+
+def requeue_through_submitit(stop) -> None:
+    """Hand a SIGUSR2 stop to submitit, when this is a submitit job (hydra/launcher=slurm or local_submitit).
+
+    Slurm sends SIGUSR2 `signal_delay_s` before a time limit and, where the cluster is set up for it, at a preemption.
+    submitit's handler for it requeues the job with the same arguments; the trainer replaced that handler while it
+    ran, so that it could finish the iteration and save last.pt first, and put it back when it stopped. Calling it now
+    requeues the job and exits this process (SystemExit); the requeued job resumes last.pt (the presets set
+    MAML_RUN_RESUME, hence train.resume=true). Outside submitit this returns and the stop ends the run as usual."""
+    signum = getattr(stop, "signum", None)
+    if signum != getattr(signal, "SIGUSR2", None):
+        return
+    handler = signal.getsignal(signum)
+    if callable(handler) and str(getattr(handler, "__module__", "")).startswith("submitit"):
+        log.warning("%s; handing over to submitit to requeue this job", stop)
+        handler(signum, None)
 
 
 def _write_report(cfg: DictConfig, run_dir: Path, row: dict) -> None:

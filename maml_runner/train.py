@@ -46,7 +46,7 @@ TEST_TASKS_COLUMNS = ["task", "loss", "accuracy"]
 
 
 class StopRequested(Exception):
-    """SIGINT/SIGTERM arrived; `last.pt` has been written. The CLI adds the command that resumes."""
+    """SIGINT/SIGTERM/SIGUSR2 arrived; `last.pt` has been written. The CLI adds the command that resumes."""
 
     def __init__(self, message: str, signum: int, run_dir: Path):
         super().__init__(message)
@@ -179,7 +179,8 @@ class Trainer:
     def _install_signal_handlers(self) -> dict:
         if threading.current_thread() is not threading.main_thread():  # e.g. a threaded launcher: keep defaults
             return {}
-        return {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        # SIGUSR2: Slurm's warning before a time limit / preemption (submitit); the CLI then lets submitit requeue.
+        return {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
 
     def fit(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
