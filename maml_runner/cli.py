@@ -63,12 +63,14 @@ def _main(cfg: DictConfig) -> float | None:
                 exc.args = (f"{exc}; resume the ablation with: {rerun_command(output_dir)}",)
                 exc.resume_named = True
                 raise
+            _write_tensorboard_summary(cfg, output_dir, None)  # the heatmap and curves as TensorBoard images
             return None
         row = run(cfg, output_dir)
         if cfg.get("report") is not None and cfg.report.get("enabled", False):
             report_dir = Path(row.get("run_dir") or output_dir)  # a resumed run's own directory: lock it again
             with hold(report_dir):
                 _write_report(cfg, report_dir, row)
+        _write_tensorboard_summary(cfg, Path(row.get("run_dir") or output_dir), row)
         # ---- end of issue 4 hook ------------------------------------------------------------------------
     except (UserError, StopRequested, OmegaConfBaseException) as exc:
         if isinstance(exc, StopRequested):
@@ -122,6 +124,17 @@ def _write_report(cfg: DictConfig, run_dir: Path, row: dict) -> None:
         raise
     except Exception as exc:  # noqa: BLE001 - the results are written; a report problem must not hide them
         log.warning("report.md not written: %s: %s", type(exc).__name__, exc)
+
+
+def _write_tensorboard_summary(cfg: DictConfig, run_dir: Path, row: dict | None) -> None:
+    """HParams, final metrics, validation CIs and the run's figures into <run dir>/tb (tensorboard_summary.py); a
+    failure is a warning, never a failed run."""
+    from .tensorboard_summary import write_run_summary
+    try:
+        with hold(run_dir):
+            write_run_summary(run_dir, cfg, row)
+    except Exception as exc:  # noqa: BLE001 - the results are written; a summary problem must not hide them
+        log.warning("TensorBoard summary not written: %s: %s", type(exc).__name__, exc)
 
 
 def _is_multirun() -> bool:
