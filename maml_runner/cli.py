@@ -44,8 +44,16 @@ class _StopSweep(BaseException):
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def _main(cfg: DictConfig) -> float | None:
-    global _task_started, _single_run_failure
+    global _task_started
     _task_started = True
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    with logging_redirect_tqdm():  # log lines print above the progress bar instead of breaking it
+        return _task(cfg)
+
+
+def _task(cfg: DictConfig) -> float | None:
+    """One maml-run (or one sweep job): evaluate-only, an ablation, or a training run with its report."""
+    global _single_run_failure
     from .train import StopRequested, run
 
     try:

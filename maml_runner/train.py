@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from tqdm import tqdm
 
 from . import config as config_checks
-from . import runlock
+from . import runlock, runlog
 from .algorithms import build_algorithm
 from .algorithms.base import MetaAlgorithm
 from .checkpoint import (LAST, best_val_loss_on_disk, checkpoint_run_dir, config_differences,
@@ -196,7 +196,8 @@ class Trainer:
         previous = self._install_signal_handlers()
         batch = int(cfg.meta_batch_size)
         progress = tqdm(total=total, initial=self.iteration, desc=f"{self.algorithm.name}", unit="it",
-                        dynamic_ncols=True, mininterval=1.0, disable=None)
+                        dynamic_ncols=True, mininterval=1.0, disable=None,  # ETA in the postfix (runlog.eta_seconds)
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]")
         budget = cfg.get("max_minutes")
         budget_seconds = math.inf if budget is None else 60 * float(budget)
         wall_started, wall_before = time.perf_counter(), self.wall_seconds
@@ -224,11 +225,14 @@ class Trainer:
                             writer.add_scalar(f"train/{key}", value, self.iteration)
                     writer.add_scalar("train/seconds_per_iteration", self.train_seconds / self.iteration, self.iteration)
                 progress.update(1)
-                progress.set_postfix(loss=f"{stats['loss']:.4f}", best_val=f"{self.best_val_loss:.4f}", refresh=False)
+                eta = runlog.format_eta(runlog.eta_seconds(self.iteration, total, self.train_seconds,
+                                                           self.wall_seconds, len(self.metrics_rows), interval))
+                progress.set_postfix(loss=f"{stats['loss']:.4f}", best_val=f"{self.best_val_loss:.4f}", ETA=eta,
+                                     refresh=False)
                 if progress.disable and self.iteration % max(1, total // 20) == 0:  # no terminal: progress in the log
                     per_iteration = self.train_seconds / self.iteration
-                    log.info("iter %d/%d | loss %.4f | %.3f s/it | ETA %s", self.iteration, total, stats["loss"],
-                             per_iteration, tqdm.format_interval(per_iteration * (total - self.iteration)))
+                    log.info("iter %d/%d | loss %.4f | %.3f s/it | ETA %s (validation included)", self.iteration,
+                             total, stats["loss"], per_iteration, eta)
                 if self.iteration % interval == 0 or self.iteration == total:
                     self._validate(val_tasks, self.running, writer)
                 if self._stop_signal is not None:
@@ -313,7 +317,8 @@ class Trainer:
         """Load `path` and test it on the eval.num_tasks fixed test tasks; returns (results row, EvalResult).
         Writes nothing (`test` writes results.csv, eval_only.evaluate_only its own files)."""
         self._load_algorithm(path)
-        tasks = self.sources["test"].iter_fixed_tasks(int(self.cfg.eval.num_tasks), int(self.cfg.eval.seed))
+        n_tasks = int(self.cfg.eval.num_tasks)
+        tasks = runlog.test_progress(self.sources["test"].iter_fixed_tasks(n_tasks, int(self.cfg.eval.seed)), n_tasks)
         result = evaluate(self.algorithm, tasks, int(self.cfg.eval.inner_steps), self.device)
         regression = self.algorithm.task_type == "regression"
         metric = "mse" if regression else "accuracy"
@@ -411,6 +416,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 return finished
         run_dir.mkdir(parents=True, exist_ok=True)
         trainer = build(cfg, run_dir)
+        log.info(runlog.start_line(cfg, run_dir, trainer.device, torch.get_num_threads()))
         if checkpoint is not None:
             trainer.resume(checkpoint)
         trainer.fit()
