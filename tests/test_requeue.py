@@ -103,3 +103,26 @@ def test_submitit_presets_requeue_and_resume_without_extra_overrides(preset, mon
     assert OmegaConf.select(cfg, "train.resume") is True
     monkeypatch.delenv("MAML_RUN_RESUME")
     assert OmegaConf.select(cfg, "train.resume") is False  # plain runs: unchanged default
+
+
+def test_only_a_sigusr2_stop_inside_a_submitit_job_is_handed_over(monkeypatch):
+    from types import SimpleNamespace
+
+    from maml_runner.cli import requeue_through_submitit
+
+    calls = []
+
+    def submitit_handler(signum, frame):  # stands in for submitit's SignalHandler.checkpoint_and_try_requeue
+        calls.append(signum)
+    submitit_handler.__module__ = "submitit.core.job_environment"
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        requeue_through_submitit(SimpleNamespace(signum=signal.SIGTERM))  # SIGTERM: the run just stops
+        assert calls == []
+        requeue_through_submitit(SimpleNamespace(signum=signal.SIGUSR2))
+        assert calls == [signal.SIGUSR2]
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)  # a plain maml-run: nothing to hand over to
+        requeue_through_submitit(SimpleNamespace(signum=signal.SIGUSR2))
+        assert calls == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
