@@ -78,7 +78,8 @@ def _task(cfg: DictConfig) -> float | None:
             report_dir = Path(row.get("run_dir") or output_dir)  # a resumed run's own directory: lock it again
             with hold(report_dir):
                 _write_report(cfg, report_dir, row)
-        _write_tensorboard_summary(cfg, Path(row.get("run_dir") or output_dir), row)
+        if row.get("run_dir"):  # trained and tested now (a finished run that was not re-run has its summary)
+            _write_tensorboard_summary(cfg, Path(row["run_dir"]), row)
         # ---- end of issue 4 hook ------------------------------------------------------------------------
     except (UserError, StopRequested, OmegaConfBaseException) as exc:
         if isinstance(exc, StopRequested):
