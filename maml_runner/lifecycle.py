@@ -181,7 +181,7 @@ class TimeBudget:
 
 # ---- SIGINT / SIGTERM --------------------------------------------------------------------------------------
 class StopRequested(Exception):
-    """SIGINT/SIGTERM arrived; `last.pt` has been written. The CLI adds the command that resumes."""
+    """SIGINT/SIGTERM/SIGUSR2 arrived; `last.pt` has been written. The CLI adds the command that resumes."""
 
     def __init__(self, message: str, signum: int, run_dir: Path):
         super().__init__(message)
@@ -189,7 +189,7 @@ class StopRequested(Exception):
 
 
 class StopSignals:
-    """While entered: SIGINT/SIGTERM ask the loop to stop after the current iteration (`received` holds the signal;
+    """While entered: SIGINT/SIGTERM/SIGUSR2 ask the loop to stop after the current iteration (`received` holds the signal;
     the loop saves last.pt and raises `stop_requested()`); a second one stops at once. Outside the main thread
     (e.g. a threaded launcher) the default handlers stay."""
 
@@ -199,7 +199,9 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            # SIGUSR2: Slurm's warning before a time limit / preemption (submitit); the CLI then lets submitit requeue.
+            self._previous = {s: signal.signal(s, self._on_signal)
+                              for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
         return self
 
     def __exit__(self, *exc) -> None:

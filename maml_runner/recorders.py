@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from . import runlog
 from .io import write_csv
 
 # The training log: these lines keep the logger name they have always had (`[maml_runner.train]` in cli.log).
@@ -103,19 +104,23 @@ class Progress:
     """The tqdm bar on a terminal; without one (a log file, a cluster job) a log line every 1/20 of the run. Also
     the log line of each validation."""
 
-    def __init__(self, total: int, initial: int, description: str):
-        self.total = total
+    def __init__(self, total: int, initial: int, description: str, val_interval: int):
+        self.total, self.val_interval = total, val_interval
         self.bar = tqdm(total=total, initial=initial, desc=description, unit="it", dynamic_ncols=True,
-                        mininterval=1.0, disable=None)
+                        mininterval=1.0, disable=None,  # the ETA is in the postfix (runlog.eta_seconds)
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]")
 
-    def step(self, iteration: int, loss: float, best_val_loss: float, train_seconds: float) -> None:
-        """After training step `iteration` (1-based) with loss `loss`; `train_seconds` spent in steps so far."""
+    def step(self, iteration: int, loss: float, best_val_loss: float, train_seconds: float, wall_seconds: float,
+             validations_done: int) -> None:
+        """After training step `iteration` (1-based) with loss `loss`; `train_seconds` spent in steps so far,
+        `wall_seconds` in the loop (validation included), `validations_done` validations so far (ETA)."""
+        eta = runlog.format_eta(runlog.eta_seconds(iteration, self.total, train_seconds, wall_seconds,
+                                                   validations_done, self.val_interval))
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", best_val=f"{best_val_loss:.4f}", refresh=False)
+        self.bar.set_postfix(loss=f"{loss:.4f}", best_val=f"{best_val_loss:.4f}", ETA=eta, refresh=False)
         if self.bar.disable and iteration % max(1, self.total // 20) == 0:  # no terminal: progress in the log
-            per_iteration = train_seconds / iteration
-            log.info("iter %d/%d | loss %.4f | %.3f s/it | ETA %s", iteration, self.total, loss,
-                     per_iteration, tqdm.format_interval(per_iteration * (self.total - iteration)))
+            log.info("iter %d/%d | loss %.4f | %.3f s/it | ETA %s (validation included)", iteration, self.total, loss,
+                     train_seconds / iteration, eta)
 
     @staticmethod
     def validation(row: dict, improved: bool, train_seconds: float) -> None:

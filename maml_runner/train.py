@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from . import config as config_checks
-from . import runlock
+from . import runlock, runlog
 from .algorithms import build_algorithm
 from .algorithms.base import MetaAlgorithm
 from .checkpoint import (BEST, LAST, checkpoint_run_dir, config_differences, find_resume_checkpoint,
@@ -100,7 +100,7 @@ class Trainer:
             self.metrics_csv.write(state.metrics_rows)
         nan_policy = NanPolicy(cfg.nan_policy)
         with self.signals:
-            progress = Progress(total, state.iteration, self.algorithm.name)
+            progress = Progress(total, state.iteration, self.algorithm.name, interval)
             budget = TimeBudget(cfg.get("max_minutes"), spent_before=state.wall_seconds)
             try:
                 while state.iteration < total:
@@ -122,7 +122,8 @@ class Trainer:
                             state.metrics_rows, self.last_saved_iteration, self.checkpoint_dir))
                     if state.iteration % int(cfg.log_interval) == 0:
                         tensorboard.train_step(state.iteration, stats, state.train_seconds / state.iteration)
-                    progress.step(state.iteration, stats["loss"], state.best_val_loss, state.train_seconds)
+                    progress.step(state.iteration, stats["loss"], state.best_val_loss, state.train_seconds,
+                                  state.wall_seconds, len(state.metrics_rows))
                     if state.iteration % interval == 0 or state.iteration == total:
                         self._validate(val_tasks, tensorboard)
                     if self.signals.received is not None:
@@ -160,7 +161,8 @@ class Trainer:
         The row's training columns (iterations_done, train_seconds, best_val_*) are `self.state`'s.
         Writes nothing (`test` writes results.csv, eval_only.evaluate_only its own files)."""
         load_algorithm(self.algorithm, path, map_location=self.device)
-        tasks = self.sources["test"].iter_fixed_tasks(int(self.cfg.eval.num_tasks), int(self.cfg.eval.seed))
+        n_tasks = int(self.cfg.eval.num_tasks)
+        tasks = runlog.test_progress(self.sources["test"].iter_fixed_tasks(n_tasks, int(self.cfg.eval.seed)), n_tasks)
         result = evaluate(self.algorithm, tasks, int(self.cfg.eval.inner_steps), self.device)
         regression = self.algorithm.task_type == "regression"
         metric = "mse" if regression else "accuracy"
@@ -242,6 +244,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 return finished
         run_dir.mkdir(parents=True, exist_ok=True)
         trainer = build(cfg, run_dir)
+        log.info(runlog.start_line(cfg, run_dir, trainer.device, torch.get_num_threads()))
         if checkpoint is not None:
             trainer.resume(checkpoint)
         trainer.fit()
