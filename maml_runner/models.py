@@ -110,29 +110,47 @@ def grouped_features(x: torch.Tensor, tasks: int) -> torch.Tensor:
     return x.reshape(x.shape[0], tasks, -1).transpose(0, 1)
 
 
+def _shared(value: torch.Tensor, own: nn.Parameter) -> bool:
+    """Whether `value` is one tensor for all tasks (shaped like the module's own parameter `own`) rather than
+    per-task copies [T, *shape]: ANIL's body, which the inner loop does not adapt."""
+    return value.dim() == own.dim()
+
+
 def grouped_conv2d(conv: nn.Conv2d, x: torch.Tensor, params: dict, prefix: str, tasks: int) -> torch.Tensor:
     weight, bias = params[prefix + "weight"], params.get(prefix + "bias")
+    if _shared(weight, conv.weight):  # one ordinary convolution over every task's images ([N, T*C] = [N*T, C])
+        n = x.shape[0]
+        out = F.conv2d(x.reshape(n * tasks, -1, *x.shape[2:]), weight, bias, conv.stride, conv.padding,
+                       conv.dilation)
+        return out.reshape(n, -1, *out.shape[2:])
     return F.conv2d(x, weight.reshape(-1, *weight.shape[2:]), None if bias is None else bias.reshape(-1),
                     conv.stride, conv.padding, conv.dilation, groups=tasks)
 
 
-def grouped_norm(norm: nn.Module, x: torch.Tensor, params: dict, prefix: str, step: int) -> torch.Tensor:
+def grouped_norm(norm: nn.Module, x: torch.Tensor, params: dict, prefix: str, tasks: int, step: int) -> torch.Tensor:
     """Transductive batch norm (BatchNorm2d without running statistics, PerStepBatchNorm at inner step `step`) or
     nn.Identity (model.bn=none), per task and channel."""
     if isinstance(norm, nn.Identity):
         return x
-    weight, bias = params.get(prefix + "weight"), params.get(prefix + "bias")
-    if isinstance(norm, PerStepBatchNorm):  # weights [T, steps, C]: this step's row of every task
-        i = norm.index(step)
-        weight = None if weight is None else weight[:, i]
-        bias = None if bias is None else bias[:, i]
-    return F.batch_norm(x, None, None, None if weight is None else weight.reshape(-1),
-                        None if bias is None else bias.reshape(-1), True, 0.0, norm.eps)
+    affine = {}
+    for name in ("weight", "bias"):
+        value, own = params.get(prefix + name), getattr(norm, name)
+        if value is None:
+            affine[name] = None
+            continue
+        shared = _shared(value, own)
+        if isinstance(norm, PerStepBatchNorm):  # weights [(T,) steps, C]: this step's row (of every task)
+            value = value[norm.index(step)] if shared else value[:, norm.index(step)]
+        affine[name] = value.repeat(tasks) if shared else value.reshape(-1)
+    return F.batch_norm(x, None, None, affine["weight"], affine["bias"], True, 0.0, norm.eps)
 
 
 def grouped_linear(x: torch.Tensor, params: dict, prefix: str) -> torch.Tensor:
-    """[T, N, F] -> [T, N, out] with each task's own weight [T, out, F] and bias [T, out]."""
+    """[T, N, F] -> [T, N, out] with each task's own weight [T, out, F] and bias [T, out] (or one shared
+    weight [out, F] and bias [out])."""
     weight, bias = params[prefix + "weight"], params.get(prefix + "bias")
+    if weight.dim() == 2:
+        return F.linear(x, weight, bias)
     out = torch.bmm(x, weight.transpose(1, 2))
     return out if bias is None else out + bias.unsqueeze(1)
 
@@ -147,8 +165,9 @@ def grouped_vector_layers(layers: nn.Sequential, x: torch.Tensor, params: dict, 
 class TaskGrouped:
     """Task-grouped execution, for models that are `head(body(x))` with a linear head: the inner loop of a whole
     meta-batch in one pass (algorithms/vectorized.py). A model supporting it defines `grouped_body`; `x` is the
-    meta-batch's inputs [T, N, ...], `params` maps every parameter name to its per-task copies [T, *shape], `step`
-    is the inner step (MAML++'s per-step batch norm). A model without these methods takes the vmap path."""
+    meta-batch's inputs [T, N, ...], `params` maps every parameter name to its per-task copies [T, *shape] (or, for
+    parameters the inner loop does not change, the shared tensor itself), `step` is the inner step (MAML++'s
+    per-step batch norm). A model without these methods takes the vmap path."""
 
     def grouped_reason(self) -> str | None:
         """None if this model can run task-grouped now; else why not."""
@@ -228,7 +247,7 @@ class Conv4(TaskGrouped, nn.Module):
             if index in convs:
                 x = grouped_conv2d(module, x, params, f"body.{index}.", tasks)
             elif index in norms:  # MAML++ may have replaced it by a PerStepBatchNorm
-                x = grouped_norm(module, x, params, f"body.{index}.", step)
+                x = grouped_norm(module, x, params, f"body.{index}.", tasks, step)
             elif isinstance(module, nn.Flatten):  # pooling="max": the last module
                 return grouped_features(x, tasks)
             elif isinstance(module, nn.AdaptiveAvgPool2d):  # pooling="stride": spatial mean, then Flatten

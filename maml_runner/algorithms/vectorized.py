@@ -139,10 +139,10 @@ def adapt_head_and_query_grouped(model: nn.Module, tasks: TaskBatch, inner_lr: R
                                  loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
     """ANIL's `adapt_and_query`: only the head is adapted, on body features computed once per task (support and
     query each through the body on its own, as the per-task loop does)."""
-    params = _per_task_parameters(model, len(tasks))
-    support = model.grouped_body(tasks.support_x, params)
-    query = model.grouped_body(tasks.query_x, params)
-    head = {name: p for name, p in params.items() if name.startswith("head.")}
+    shared = dict(model.named_parameters())  # the body is not adapted: ordinary (shared-weight) layers, faster
+    support = model.grouped_body(tasks.support_x, shared)
+    query = model.grouped_body(tasks.query_x, shared)
+    head = {name: p for name, p in _per_task_parameters(model, len(tasks)).items() if name.startswith("head.")}
     fast = _inner_loop(lambda x, p, step: model.grouped_head(x, p), head, support, tasks.support_y, inner_lr, steps,
                        first_order, loss_fn, list(head))
     predictions = model.grouped_head(query, fast)
