@@ -19,7 +19,7 @@ from maml_runner.data.base import TaskBatch
 from maml_runner.data.fast_episodes import CachedEpisodes, cached_episodes
 from maml_runner.data.omniglot import OmniglotTasks, build_omniglot
 from maml_runner.data.sinusoid import SinusoidTasks
-from maml_runner.models import MLP, Conv4
+from maml_runner.models import MLP, Conv4, build_model
 from omniglot_fixture import make_fake_omniglot
 
 
@@ -317,3 +317,28 @@ def test_metasgd_per_parameter_rates_under_vmap():
                         "regression", 10)
         algorithm.vectorize = "on"
         assert not algorithm.vectorized_for(tasks)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: Conv4(4, hidden=5), (1, 28, 28)),
+    (lambda: Conv4(4, hidden=5, padding="tf_same", bn_scale=False, bn_eps=1e-3), (1, 28, 28)),
+    (lambda: Conv4(4, hidden=5, bn="none", activation="leaky_relu"), (1, 28, 28)),
+    (lambda: Conv4(4, in_channels=3, hidden=5, image_size=20, pooling="max"), (3, 20, 20)),  # miniImageNet's kind
+    (lambda: MLP(hidden=(7, 6)), (1,)),
+    (lambda: build_model(OmegaConf.create(dict(name="mlp", hidden=[6])),
+                         OmegaConf.create(dict(kind="omniglot", ways=4, image_size=8))), (1, 8, 8)),  # _FlatMLP
+])
+def test_model_grouped_forward_is_each_tasks_own_forward(make, shape):
+    """models.TaskGrouped: task t's slice of `grouped_forward` is `model(x[t])` with task t's parameters, whether
+    the parameters are per-task copies or shared (ANIL's body)."""
+    torch.manual_seed(0)
+    model = make().double()
+    tasks, n = 3, 6
+    x = torch.rand(tasks, n, *shape, dtype=torch.float64)
+    per_task = {name: torch.stack([p + 0.05 * t for t in range(tasks)]) for name, p in model.named_parameters()}
+    grouped = model.grouped_forward(x, per_task)
+    for t in range(tasks):
+        own = {name: p[t] for name, p in per_task.items()}
+        assert torch.allclose(grouped[t], torch.func.functional_call(model, own, (x[t],)), rtol=1e-12, atol=1e-12)
+    shared = model.grouped_body(x, dict(model.named_parameters()))
+    assert torch.allclose(shared, torch.stack([model.body(x[t]) for t in range(tasks)]), rtol=1e-12, atol=1e-12)
