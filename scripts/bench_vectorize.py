@@ -107,10 +107,11 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"CPU, {os.cpu_count()} cores | torch {torch.__version__} | threads {torch.get_num_threads()} | load "
           f"average {load:.2f} | meta-batch {args.meta_batch}, {args.steps or 'default'} inner step(s), "
-          f"{args.phase}-order "
-          f"phase, {args.iterations} timed iterations per setting (median)", flush=True)
+          f"{args.phase}-order phase, {args.iterations} timed iterations per setting (median)", flush=True)
     notes: list = []
     ratios = {case: run_case(case, args, Path(args.root), notes) for case in args.cases}
+    for note in notes:  # e.g. no Omniglot under --root: synthetic images
+        print(note)
     for case, ratio in ratios.items():
         print(f"SPEEDUP {case} {ratio:.2f}")
     return 0
