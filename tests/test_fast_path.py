@@ -260,12 +260,13 @@ def test_reptile_fast_path_equals_per_task_loop_conv4(omniglot, steps, images_pe
     reference = _assert_same_step(Reptile, lambda: Conv4(3, hidden=8).double(), tasks, "classification",
                                   inner_lr=0.1, inner_steps=steps)
     assert all(g.abs().sum() > 0 for n, g in reference.items() if n.endswith("weight"))  # theta moved
-    # The Adam inner optimizer keeps the per-task loop (persistent state is sequential across tasks).
-    cfg = OmegaConf.create(dict(name="reptile", inner_lr=0.1, inner_steps=2, meta_step_size=0.0,
-                                inner_optimizer="adam"))
-    adam = Reptile(Conv4(3, hidden=8).double(), cfg, "classification", 10)
-    adam.vectorize = "on"
-    assert not adam.vectorized_for(tasks)
+    # Adam and a persistent inner optimizer keep the per-task loop (persistent state is sequential across tasks).
+    for optimizer, state in (("adam", "fresh"), ("adam", "persistent"), ("sgd", "persistent")):
+        cfg = OmegaConf.create(dict(name="reptile", inner_lr=0.1, inner_steps=2, meta_step_size=0.0,
+                                    inner_optimizer=optimizer, inner_optimizer_state=state))
+        kept = Reptile(Conv4(3, hidden=8).double(), cfg, "classification", 10)
+        kept.vectorize = "on"
+        assert not kept.vectorized_for(tasks), (optimizer, state)
 
 
 @pytest.mark.parametrize("cls", [MAML, MetaSGD, ANIL, Reptile, MAMLPlusPlus])

@@ -11,10 +11,11 @@ reset between tasks, so the inner Adam's moments and step count carry over acros
 evaluation starts every test task from that state and restores it afterwards. `fresh` gives every task a new
 optimizer.
 
-With the SGD inner optimizer, training steps may run the meta-batch's inner loops at once (algorithms/vectorized.py,
-hardware.vectorize) for models with a task-grouped forward. The Adam inner optimizer keeps the per-task loop: its
-persistent state makes task t+1's inner loop start from task t's moments (a sequential dependency), and a fresh
-Adam would need its own batched copy of torch's Adam arithmetic to give the same numbers.
+With a fresh SGD inner optimizer, training steps may run the meta-batch's inner loops at once
+(algorithms/vectorized.py, hardware.vectorize) for models with a task-grouped forward. Adam keeps the per-task loop:
+with persistent state task t+1's inner loop starts from task t's moments and step count (a sequential dependency
+that cannot be batched), and a fresh Adam would need a batched copy of torch's Adam arithmetic to give the same
+numbers (not done). `persistent` SGD also keeps the loop, which records the (empty) optimizer state.
 """
 from __future__ import annotations
 
@@ -77,10 +78,12 @@ class Reptile(MetaAlgorithm):
         self.inner_state = state.get("inner_state")
 
     def vectorized_for(self, tasks) -> bool:
-        """Whether this meta-batch's inner loops run task-grouped: SGD inner optimizer (stateless: `persistent`
-        changes nothing), a model with a grouped forward, and the per-task `adapt` not overridden."""
-        return type(self).adapt is Reptile.adapt and self.inner_optimizer == "sgd" and isinstance(tasks, TaskBatch) \
-            and use_vectorized(self.vectorize, self.model, tasks) and grouped_model_reason(self.model) is None
+        """Whether this meta-batch's inner loops run task-grouped: a fresh SGD inner optimizer per task (a
+        persistent optimizer state is kept by the per-task loop), a model with a grouped forward, and the per-task
+        `adapt` not overridden."""
+        return type(self).adapt is Reptile.adapt and self.inner_optimizer == "sgd" and not self.persistent \
+            and isinstance(tasks, TaskBatch) and use_vectorized(self.vectorize, self.model, tasks) \
+            and grouped_model_reason(self.model) is None
 
     def train_step(self, tasks, iteration: int) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
