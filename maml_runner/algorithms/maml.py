@@ -11,6 +11,7 @@ import torch
 from ..data.base import Task, TaskBatch
 from ..models import outer_loop_only
 from .base import MetaAlgorithm
+from .inner_update import inner_update, set_parameters
 from .vectorized import adapt_and_query, train_step_in_chunks, use_vectorized
 
 
@@ -27,7 +28,6 @@ class MAML(MetaAlgorithm):
         # model.bn_adapted=false: batch-norm parameters get outer-loop gradients only (Finn's code).
         frozen = outer_loop_only(model)
         self.adapted = [name for name, _ in model.named_parameters() if name not in frozen]
-        self.adapted_mask = [name not in frozen for name, _ in model.named_parameters()]
 
     def use_first_order(self, iteration: int | None) -> bool:
         return iteration is None or self.first_order
@@ -37,14 +37,11 @@ class MAML(MetaAlgorithm):
         learner = self.maml.clone(first_order=first_order)
         for _ in range(steps):
             loss = self.loss_fn(learner(task.support_x), task.support_y)
-            if all(self.adapted_mask):
-                learner.adapt(loss)
-                continue
-            # learn2learn's adapt updates every parameter; the outer-loop-only ones get no update here.
-            params = [p for p, keep in zip(learner.module.parameters(), self.adapted_mask) if keep]
-            grads = iter(torch.autograd.grad(loss, params, retain_graph=not first_order, create_graph=not first_order))
-            learner.module = l2l.algorithms.maml.maml_update(
-                learner.module, learner.lr, [next(grads) if keep else None for keep in self.adapted_mask])
+            params = dict(learner.module.named_parameters())
+            # model.bn_adapted=false: the outer-loop-only parameters get no gradient and no update here.
+            grads = torch.autograd.grad(loss, [params[name] for name in self.adapted], retain_graph=not first_order,
+                                        create_graph=not first_order)
+            set_parameters(learner.module, inner_update(params, dict(zip(self.adapted, grads)), self.maml.lr))
         return learner
 
     def vectorized_for(self, tasks) -> bool:

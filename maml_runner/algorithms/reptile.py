@@ -10,6 +10,12 @@ on the support set with plain SGD (`eval_optimizer=sgd`, at `eval_inner_lr`) or 
 reset between tasks, so the inner Adam's moments and step count carry over across tasks and meta-iterations; its
 evaluation starts every test task from that state and restores it afterwards. `fresh` gives every task a new
 optimizer.
+
+With a fresh SGD inner optimizer, training steps may run the meta-batch's inner loops at once
+(algorithms/vectorized.py, hardware.vectorize) for models with a task-grouped forward. Adam keeps the per-task loop:
+with persistent state task t+1's inner loop starts from task t's moments and step count (a sequential dependency
+that cannot be batched), and a fresh Adam would need a batched copy of torch's Adam arithmetic to give the same
+numbers (not done). `persistent` SGD also keeps the loop, which records the (empty) optimizer state.
 """
 from __future__ import annotations
 
@@ -17,14 +23,18 @@ import logging
 
 import torch
 
-from ..data.base import Task
+from torch.func import vmap
+
+from ..data.base import Task, TaskBatch
 from .base import MetaAlgorithm
+from .vectorized import fine_tune_grouped, grouped_model_reason, task_chunks, use_vectorized
 
 log = logging.getLogger(__name__)
 
 
 class Reptile(MetaAlgorithm):
     name = "reptile"
+    vectorize = "auto"  # hardware.vectorize (set by build_algorithm)
 
     def __init__(self, model, cfg, task_type, total_iterations):
         super().__init__(model, cfg, task_type, total_iterations)
@@ -67,8 +77,26 @@ class Reptile(MetaAlgorithm):
         super().load_checkpoint_state(state)
         self.inner_state = state.get("inner_state")
 
+    def vectorized_for(self, tasks) -> bool:
+        """Whether this meta-batch's inner loops run task-grouped: a fresh SGD inner optimizer per task (a
+        persistent optimizer state is kept by the per-task loop), a model with a grouped forward, and the per-task
+        `adapt` not overridden."""
+        return type(self).adapt is Reptile.adapt and self.inner_optimizer == "sgd" and not self.persistent \
+            and isinstance(tasks, TaskBatch) and use_vectorized(self.vectorize, self.model, tasks) \
+            and grouped_model_reason(self.model) is None
+
     def train_step(self, tasks, iteration: int) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
+        if self.vectorized_for(tasks):
+            adapted_mean, loss, acc = self._adapt_grouped(tasks)
+        else:
+            adapted_mean, loss, acc = self._adapt_per_task(tasks, iteration)
+        for p, adapted in zip(self.model.parameters(), adapted_mean):
+            p.grad = p.detach() - adapted
+        return self.finish_step(loss, acc, iteration)
+
+    def _adapt_per_task(self, tasks, iteration: int) -> tuple[list[torch.Tensor], float, float]:
+        """The mean of the adapted parameters over the tasks, the adapted models' mean query loss and accuracy."""
         initial = [p.detach().clone() for p in self.model.parameters()]
         adapted_sum = [torch.zeros_like(p) for p in initial]
         losses, accs = [], []
@@ -80,9 +108,27 @@ class Reptile(MetaAlgorithm):
                 accs.append(self.metric(predictions, task.query_y))
             for total, p in zip(adapted_sum, learner.parameters()):
                 total += p.detach()
-        for p, theta, total in zip(self.model.parameters(), initial, adapted_sum):
-            p.grad = theta - total / len(tasks)
-        return self.finish_step(sum(losses) / len(losses), sum(accs) / len(accs), iteration)
+        return [total / len(tasks) for total in adapted_sum], sum(losses) / len(losses), sum(accs) / len(accs)
+
+    def _adapt_grouped(self, tasks: TaskBatch) -> tuple[list[torch.Tensor], float, float]:
+        """`_adapt_per_task` with the inner loops of each chunk of tasks run at once."""
+        adapted_sum = [torch.zeros_like(p) for p in self.model.parameters()]
+        losses, predictions = [], []
+        for chunk in task_chunks(tasks):
+            x = torch.cat([chunk.support_x, chunk.query_x], dim=1)
+            y = torch.cat([chunk.support_y, chunk.query_y], dim=1)
+            fast = fine_tune_grouped(self.model, x, y, float(self.cfg.inner_lr), int(self.cfg.inner_steps),
+                                     self.loss_fn)
+            with torch.no_grad():
+                chunk_predictions = self.model.grouped_forward(chunk.query_x, fast)
+                losses.append(vmap(self.report_loss_fn)(chunk_predictions, chunk.query_y))
+                predictions.append(chunk_predictions)
+            for total, adapted in zip(adapted_sum, fast.values()):
+                total += adapted.sum(0)
+        predictions = torch.cat(predictions)
+        # Equal query sizes: accuracy over the whole batch = mean of the per-task accuracies.
+        acc = self.metric(predictions.flatten(0, 1), tasks.query_y.flatten(0, 1))
+        return [total / len(tasks) for total in adapted_sum], torch.cat(losses).mean().item(), acc
 
     def extra_scalars(self) -> dict[str, float]:
         return {"meta_step_size": self.optimizer.param_groups[0]["lr"]}
