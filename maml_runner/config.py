@@ -28,7 +28,8 @@ NON_NEGATIVE_INTS = ["seed", "eval.seed"]
 POSITIVE_FLOATS = ["algorithm.inner_lr", "algorithm.outer_lr", "algorithm.meta_step_size", "algorithm.min_outer_lr",
                    "model.bn_eps"]
 FRACTIONS = ["algorithm.msl_fraction", "algorithm.first_order_fraction"]
-OPTIONAL_POSITIVE_INTS = ["hardware.threads", "algorithm.bn_steps", "dataset.eval_query_shots"]
+OPTIONAL_POSITIVE_INTS = ["hardware.threads", "algorithm.bn_steps", "dataset.eval_query_shots",
+                          "algorithm.inner_batch_size", "algorithm.eval_inner_batch_size"]
 OPTIONAL_POSITIVE_FLOATS = ["train.grad_clip", "algorithm.eval_inner_lr", "train.max_minutes",
                             "algorithm.rate_outer_lr"]
 BOOLS = ["algorithm.first_order", "hardware.deterministic", "algorithm.multi_step_loss",

@@ -284,11 +284,13 @@ def test_faithful_preset_trains_end_to_end_on_the_fixture(tmp_path):
 
 
 # ---- Reptile's inner optimizer ------------------------------------------------------------------------------------------
-def _reptile(state: str, eval_optimizer: str = "sgd"):
+def _reptile(state: str, eval_optimizer: str = "sgd", optimizer: str = "adam", inner_batch_size=None,
+             eval_inner_batch_size=None):
     cfg = OmegaConf.create(dict(name="reptile", inner_lr=0.001, inner_steps=3, outer_lr=0.001, first_order=True,
-                                inner_optimizer="adam", inner_betas=[0.0, 0.999], meta_step_size=1.0,
+                                inner_optimizer=optimizer, inner_betas=[0.0, 0.999], meta_step_size=1.0,
                                 eval_inner_lr=None, loss_reduction="mean", inner_optimizer_state=state,
-                                eval_optimizer=eval_optimizer))
+                                eval_optimizer=eval_optimizer, inner_batch_size=inner_batch_size,
+                                eval_inner_batch_size=eval_inner_batch_size))
     torch.manual_seed(0)
     return build_algorithm(Conv4(5, hidden=4).double(), cfg, "classification", 10, train_source=_Source(1))
 
@@ -332,6 +334,53 @@ def test_reptile_evaluation_with_the_inner_adam_starts_from_its_state_and_restor
     save_checkpoint(tmp_path / "last.pt", {"algorithm": algorithm.checkpoint_state()})
     restored.load_checkpoint_state(load_checkpoint(tmp_path / "last.pt")["algorithm"])  # resume keeps the state
     assert restored.evaluate_task(tasks[1], 5)[0] == pytest.approx(loss, rel=1e-12)
+
+
+@pytest.mark.parametrize("examples,size,steps", [(50, 10, 5), (5, 10, 3), (20, 10, 5)])
+def test_reptile_mini_batches_are_reshuffled_passes_as_supervised_reptile(examples, size, steps):
+    algorithm = _reptile("fresh", inner_batch_size=size)
+    torch.manual_seed(1)
+    batches = algorithm.mini_batches(examples, steps, training=True)
+    assert [len(b) for b in batches] == [size] * steps
+    order = torch.cat(batches).tolist()
+    for start in range(0, len(order), examples):  # every full pass is a permutation of all the examples
+        chunk = order[start:start + examples]
+        assert len(set(chunk)) == len(chunk) and (len(chunk) < examples or sorted(chunk) == list(range(examples)))
+    torch.manual_seed(1)
+    assert all(torch.equal(a, b) for a, b in zip(batches, algorithm.mini_batches(examples, steps, True)))
+    assert algorithm.mini_batches(examples, steps, training=False) is None  # eval_inner_batch_size=null: full batch
+
+
+def test_reptile_inner_steps_train_on_their_mini_batch_only():
+    algorithm = _reptile("fresh", optimizer="sgd", inner_batch_size=4)
+    algorithm.cfg.inner_lr = 0.5
+    task = _tasks(1, 5, 1, 1)[0]  # 10 examples (support + query)
+    torch.manual_seed(2)
+    learner = algorithm.adapt(task, 1, iteration=0)
+    torch.manual_seed(2)
+    rows = algorithm.mini_batches(10, 1, training=True)[0]
+    x, y = torch.cat([task.support_x, task.query_x])[rows], torch.cat([task.support_y, task.query_y])[rows]
+    manual = copy.deepcopy(algorithm.model)
+    F.cross_entropy(manual(x), y).backward()
+    for adapted, p in zip(learner.parameters(), manual.parameters()):
+        assert torch.allclose(adapted, p - 0.5 * p.grad, rtol=0, atol=1e-12)
+
+
+def test_reptile_evaluation_mini_batches_repeat_exactly():
+    tasks = _tasks(2, 5, 2, 1)
+    batched = _reptile("fresh", eval_inner_batch_size=3)
+    full = _reptile("fresh")
+    first = [batched.evaluate_task(t, 5) for t in tasks]
+    torch.manual_seed(123)  # the global RNG does not enter evaluation: re-testing a checkpoint gives the same numbers
+    assert [batched.evaluate_task(t, 5) for t in tasks] == first
+    assert [full.evaluate_task(t, 5) for t in tasks] != first
+
+
+def test_nichol2018_presets_set_the_released_mini_batches():
+    for setting, (inner, evaluation) in {"5w1s": (10, 5), "20w1s": (20, 10)}.items():
+        cfg = compose_config([f"experiment=nichol2018_reptile_{setting}"])
+        validate(cfg)
+        assert (cfg.algorithm.inner_batch_size, cfg.algorithm.eval_inner_batch_size) == (inner, evaluation)
 
 
 def _fixture_sources(experiment: str, tmp_path, *overrides):

@@ -159,9 +159,11 @@ class MetaAlgorithm(nn.Module, ABC):
             return self.report_loss_fn(predictions, task.query_y).item(), self.metric(predictions, task.query_y)
 
     def fine_tune(self, model: nn.Module, task: Task, steps: int, lr: float, optimizer: str = "sgd",
-                  betas=(0.9, 0.999), data=None, state: dict | None = None, on_done=None) -> nn.Module:
-        """A copy of `model` trained for `steps` full-batch steps on the support set (or `data`). `state`: an
-        optimizer state_dict to start from (a copy is loaded); `on_done(optimizer)` is called after the steps."""
+                  betas=(0.9, 0.999), data=None, state: dict | None = None, on_done=None,
+                  batches: list[torch.Tensor] | None = None) -> nn.Module:
+        """A copy of `model` trained for `steps` steps on the support set (or `data`): full-batch, or on the rows
+        `batches[step]` (mini-batches). `state`: an optimizer state_dict to start from (a copy is loaded);
+        `on_done(optimizer)` is called after the steps."""
         learner = copy.deepcopy(model)
         x, y = data if data is not None else (task.support_x, task.support_y)
         if optimizer == "adam":
@@ -171,9 +173,12 @@ class MetaAlgorithm(nn.Module, ABC):
         if state is not None:
             opt.load_state_dict(copy.deepcopy(state))
         with torch.enable_grad():
-            for _ in range(steps):
+            for step in range(steps):
                 opt.zero_grad(set_to_none=True)
-                self.loss_fn(learner(x), y).backward()
+                if batches is None:
+                    self.loss_fn(learner(x), y).backward()
+                else:
+                    self.loss_fn(learner(x[batches[step]]), y[batches[step]]).backward()
                 opt.step()
         if on_done is not None:
             on_done(opt)

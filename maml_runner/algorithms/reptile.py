@@ -11,6 +11,12 @@ reset between tasks, so the inner Adam's moments and step count carry over acros
 evaluation starts every test task from that state and restores it afterwards. `fresh` gives every task a new
 optimizer.
 
+`inner_batch_size` / `eval_inner_batch_size` (null: full batch) make each inner step use a mini-batch, as
+supervised-reptile's `_mini_batches`: the task's examples are reshuffled at every pass and cut into consecutive
+batches, a batch may span two passes (so a batch larger than the task repeats examples). Training shuffles with the
+global torch RNG (saved in checkpoints: a resumed run draws the same batches); evaluation with a generator seeded
+afresh for every task, so testing a checkpoint twice gives the same numbers.
+
 With a fresh SGD inner optimizer, training steps may run the meta-batch's inner loops at once
 (algorithms/vectorized.py, hardware.vectorize) for models with a task-grouped forward. Adam keeps the per-task loop:
 with persistent state task t+1's inner loop starts from task t's moments and step count (a sequential dependency
@@ -31,6 +37,8 @@ from .vectorized import fine_tune_grouped, grouped_model_reason, task_chunks, us
 
 log = logging.getLogger(__name__)
 
+EVAL_BATCH_SEED = 0  # evaluation mini-batches: the same generator state for every test task (reproducible tests)
+
 
 class Reptile(MetaAlgorithm):
     name = "reptile"
@@ -44,6 +52,8 @@ class Reptile(MetaAlgorithm):
         self.persistent = str(cfg.get("inner_optimizer_state", "fresh")) == "persistent"
         self.eval_with_inner = str(cfg.get("eval_optimizer", "sgd")) == "inner"
         self.inner_state: dict | None = None  # the persistent inner optimizer's state_dict (None: not started)
+        self.inner_batch_size = cfg.get("inner_batch_size")
+        self.eval_inner_batch_size = cfg.get("eval_inner_batch_size")
         if int(cfg.inner_steps) == 1:
             # With one step, theta' - theta is the negative gradient of the task loss: the outer update is plain
             # SGD on the pooled loss (Nichol et al. 2018, section 5), i.e. the pretrain baseline.
@@ -57,15 +67,29 @@ class Reptile(MetaAlgorithm):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda t: max(0.0, 1.0 - t / total))
 
     def adapt(self, task: Task, steps: int, iteration=None):
-        if iteration is None and not self.eval_with_inner:  # evaluation: plain SGD on the support set
-            return self.fine_tune(self.model, task, steps, self.eval_lr)
-        data = None if iteration is None else \
-            (torch.cat([task.support_x, task.query_x]), torch.cat([task.support_y, task.query_y]))
+        training = iteration is not None
+        data = (torch.cat([task.support_x, task.query_x]), torch.cat([task.support_y, task.query_y])) if training \
+            else (task.support_x, task.support_y)
+        batches = self.mini_batches(len(data[1]), steps, training)
+        if not training and not self.eval_with_inner:  # evaluation: plain SGD on the support set
+            return self.fine_tune(self.model, task, steps, self.eval_lr, batches=batches)
         # Evaluation starts from the persistent state and leaves it as it was (supervised-reptile restores it).
-        keep = self.persistent and iteration is not None
+        keep = self.persistent and training
         return self.fine_tune(self.model, task, steps, float(self.cfg.inner_lr), self.inner_optimizer,
                               self.inner_betas, data=data, state=self.inner_state if self.persistent else None,
-                              on_done=self._keep_state if keep else None)
+                              on_done=self._keep_state if keep else None, batches=batches)
+
+    def mini_batches(self, examples: int, steps: int, training: bool) -> list[torch.Tensor] | None:
+        """Row indices of each inner step's mini-batch (supervised-reptile's `_mini_batches`: consecutive batches of
+        passes over the examples, each pass reshuffled); None for full-batch steps."""
+        size = self.inner_batch_size if training else self.eval_inner_batch_size
+        if size is None:
+            return None
+        size = int(size)
+        generator = None if training else torch.Generator().manual_seed(EVAL_BATCH_SEED)
+        passes = -(-steps * size // examples)
+        order = torch.cat([torch.randperm(examples, generator=generator) for _ in range(passes)])
+        return list(order[:steps * size].view(steps, size))
 
     def _keep_state(self, optimizer: torch.optim.Optimizer) -> None:
         self.inner_state = optimizer.state_dict()
@@ -79,9 +103,10 @@ class Reptile(MetaAlgorithm):
 
     def vectorized_for(self, tasks) -> bool:
         """Whether this meta-batch's inner loops run task-grouped: a fresh SGD inner optimizer per task (a
-        persistent optimizer state is kept by the per-task loop), a model with a grouped forward, and the per-task
-        `adapt` not overridden."""
+        persistent optimizer state is kept by the per-task loop), full-batch steps, a model with a grouped forward,
+        and the per-task `adapt` not overridden."""
         return type(self).adapt is Reptile.adapt and self.inner_optimizer == "sgd" and not self.persistent \
+            and self.inner_batch_size is None \
             and isinstance(tasks, TaskBatch) and use_vectorized(self.vectorize, self.model, tasks) \
             and grouped_model_reason(self.model) is None
 
