@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 from omegaconf import OmegaConf
 
-from .config import RESULT_KEYS
+from .config import is_result_config_column
 from .errors import UserError
 from .io import atomic_write_text, read_csv, write_csv
 from .stats import paired_comparison
@@ -81,7 +81,9 @@ def collect(roots: Iterable[str | Path]) -> tuple[list[dict], list[str]]:
     override_keys = list(dict.fromkeys(k for _, overrides, _ in results for k in overrides))
     swept = [k for k in override_keys if len({overrides.get(k) for _, overrides, _ in results}) > 1]
     if not swept:
-        swept = [k for k in RESULT_KEYS if len({str(row.get(k)) for _, _, row in results}) > 1]
+        # The config columns of every row (runs of different algorithms record different algorithm keys).
+        config_columns = dict.fromkeys(k for _, _, row in results for k in row if is_result_config_column(k))
+        swept = [k for k in config_columns if len({str(row.get(k)) for _, _, row in results}) > 1]
     common = _common_parent([r for r, _, _ in results])
     table = []
     for run_dir, overrides, row in results:

@@ -113,16 +113,13 @@ def retest_config(saved: dict, cfg: DictConfig, overrides: Sequence[str]) -> Dic
 def result_names(cfg: DictConfig, which: str) -> tuple[str, str]:
     """results_eval_<...>.csv and test_tasks_eval_<...>.csv for this test's settings."""
     tag = f"eval_{which}_{int(cfg.eval.inner_steps)}steps_{int(cfg.eval.num_tasks)}tasks_seed{int(cfg.eval.seed)}"
-    batch = int(OmegaConf.select(cfg, "eval.meta_batch_size", default=1) or 1)
-    if batch != 1:  # tasks per forward change batch-norm statistics, so the numbers
-        tag += f"_batch{batch}"
     return f"results_{tag}.csv", f"test_tasks_{tag}.csv"
 
 
 def evaluate_only(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] = ()) -> dict:
     """Test the checkpoint train.resume names with this command's eval settings; write the results beside the run's
     own. `overrides`: the command line's (Hydra's task overrides), which say what to take from `cfg`."""
-    from .train import RESULT_COLUMNS, TEST_TASKS_COLUMNS, build
+    from .train import TEST_TASKS_COLUMNS, build, result_columns
 
     if OmegaConf.select(cfg, "ablation.enabled", default=False):
         raise UserError("eval.only=true and ablation.enabled=true cannot be combined; the ablation tests every "
@@ -144,7 +141,7 @@ def evaluate_only(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[s
         trainer.train_seconds = float(state.get("train_seconds", 0.0))
         trainer.metrics_rows = list(state.get("metrics_rows") or [])
         row, result = trainer.evaluate_checkpoint(path, which)
-        write_csv(run_dir / results_name, [row], RESULT_COLUMNS)
+        write_csv(run_dir / results_name, [row], result_columns(eval_cfg))
         write_csv(run_dir / tasks_name, result.task_rows(), TEST_TASKS_COLUMNS)
     unit, scale = ("MSE", 1) if row["metric"] == "mse" else ("accuracy", 100)
     log.info("eval only: %s (iteration %d) after %d eval steps on %d tasks: test %s %.4g ± %.2g (95%% CI) | "

@@ -35,10 +35,16 @@ METRICS_COLUMNS = ["iteration", "train_loss", "train_accuracy", "val_loss", "val
                    "val_accuracy_ci95", "grad_norm", "elapsed_seconds"]
 # best_val_*: the lowest validation loss reached and the validation accuracy there (what best.pt holds); the value a
 # sweep returns to Hydra's sweeper (cli.sweep_objective), so tuning never looks at the test tasks.
-RESULT_COLUMNS = [*config_checks.RESULT_KEYS, "metric", "mean", "ci95", "test_loss", "test_loss_ci95",
-                  "test_accuracy", "test_accuracy_ci95", "n_tasks", "checkpoint", "best_val_loss",
-                  "best_val_accuracy", "iterations_done",
-                  "train_seconds", "seconds_per_iteration", "peak_memory_mb", "device"]
+RESULT_METRIC_COLUMNS = ["metric", "mean", "ci95", "test_loss", "test_loss_ci95",
+                         "test_accuracy", "test_accuracy_ci95", "n_tasks", "checkpoint", "best_val_loss",
+                         "best_val_accuracy", "iterations_done",
+                         "train_seconds", "seconds_per_iteration", "peak_memory_mb", "device"]
+
+
+def result_columns(cfg: DictConfig) -> list[str]:
+    """results.csv's columns: the config keys of this run's algorithm and data (config.result_fields), then the
+    metrics."""
+    return [*config_checks.result_fields(cfg), *RESULT_METRIC_COLUMNS]
 
 
 TEST_TASKS_FILE = "test_tasks.csv"
@@ -302,7 +308,7 @@ class Trainer:
     def test(self, which: str | None = None) -> dict:
         which, path = checkpoint_to_test(self.checkpoint_dir, which or str(self.cfg.eval.checkpoint))
         row, result = self.evaluate_checkpoint(path, which)
-        write_csv(self.run_dir / "results.csv", [row], RESULT_COLUMNS)
+        write_csv(self.run_dir / "results.csv", [row], result_columns(self.cfg))
         # Per-task values: paired comparisons between runs tested on the same tasks (eval.seed) need them.
         write_csv(self.run_dir / TEST_TASKS_FILE, result.task_rows(), TEST_TASKS_COLUMNS)
         row["run_dir"] = str(self.run_dir)  # not a CSV column: tells the CLI where a resumed run wrote its files
@@ -319,7 +325,7 @@ class Trainer:
         mean, ci = result.loss if regression else result.accuracy
         done = max(self.iteration, 1)
         best_loss, best_accuracy = best_validation(self.metrics_rows)
-        row = {**config_checks.flat_config(self.cfg, config_checks.RESULT_KEYS), "metric": metric, "mean": mean,
+        row = {**config_checks.flat_config(self.cfg, config_checks.result_fields(self.cfg)), "metric": metric, "mean": mean,
                "ci95": ci, **result.summary("test"), "n_tasks": result.n_tasks, "checkpoint": which,
                "best_val_loss": best_loss, "best_val_accuracy": best_accuracy,
                "iterations_done": self.iteration, "train_seconds": round(self.train_seconds, 3),
@@ -352,7 +358,7 @@ def without_mode_keys(cfg: DictConfig) -> DictConfig:
         raise UserError(f"eval.only={shown} reached a training run; eval.only=true is run by maml-run "
                         f"(eval_only.evaluate_only), which tests train.resume=<run dir or .pt> without training")
     cfg = copy.deepcopy(cfg)
-    with read_write(cfg), open_dict(cfg):
+    with read_write(cfg), open_dict(cfg.eval):  # the eval section itself: a typed section refuses deletion otherwise
         del cfg.eval["only"]
     return cfg
 

@@ -11,9 +11,11 @@ from torch import nn
 from ..data.base import Task
 from ..errors import UserError
 from .base import MetaAlgorithm
+from .maml import MAML
 
 
 class ANIL(MetaAlgorithm):
+    Config = MAML.Config  # inner_steps, inner_lr (of the head), outer_lr, first_order
     name = "anil"
     honours_outer_loop_only = True  # only the head is adapted
 

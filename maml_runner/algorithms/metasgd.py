@@ -2,14 +2,23 @@
 (learn2learn `MetaSGD`); the rates start at `algorithm.inner_lr`."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import learn2learn as l2l
 import torch
 
 from ..data.base import Task
+from ..schema import OPTIONAL_POSITIVE_FLOAT, required
 from .base import MetaAlgorithm
+from .maml import MAML
 
 
 class MetaSGD(MetaAlgorithm):
+    @dataclass
+    class Config(MAML.Config):
+        rate_outer_lr: Optional[float] = required(OPTIONAL_POSITIVE_FLOAT)
+
     name = "metasgd"
 
     def __init__(self, model, cfg, task_type, total_iterations):

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from conftest import compose_config
-from maml_runner.algorithms import REGISTRY, build_algorithm
+from maml_runner.algorithms import available_algorithms, build_algorithm
 from maml_runner.data import build_sources
 from maml_runner.data.base import Task, TaskBatch
 from maml_runner.models import build_model
 
-ALGORITHMS = sorted(REGISTRY)
+ALGORITHMS = available_algorithms()  # conf/algorithm/*.yaml
 
 
 def make(algorithm: str, *overrides: str, iterations: int = 100, dtype=torch.float32):
