@@ -43,6 +43,8 @@ def _shown(value) -> str:
         return {True: "true", False: "false", None: "null"}[value]
     if isinstance(value, (DictConfig, ListConfig)):
         value = OmegaConf.to_container(value)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))  # a typed float key holds `grad_clip=0` as 0.0: show it as typed
     return repr(value) if isinstance(value, str) else str(value)
 
 
@@ -190,7 +192,11 @@ def validate(cfg: DictConfig) -> None:
             how = f"{section}=<option>" if section in GROUPS else f"{section}.<key>=<value>"
             raise UserError(f"{section}={_shown(_get(cfg, section))} is invalid: expected the {section} section "
                             f"(a mapping); set it with {how}")
-    for key in sorted(OmegaConf.missing_keys(cfg), key=lambda k: (k.split(".")[0] not in SECTIONS, k)):
+    try:
+        unset = OmegaConf.missing_keys(cfg)
+    except OmegaConfBaseException:  # it resolves interpolations on its way: the resolution check below says which
+        unset = set()
+    for key in sorted(unset, key=lambda k: (k.split(".")[0] not in SECTIONS, k)):
         raise missing(key)
     try:
         OmegaConf.to_container(cfg, resolve=True)
