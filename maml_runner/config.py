@@ -220,6 +220,36 @@ def validate(cfg: DictConfig) -> None:
                         f"expected 1")
 
 
+# ---- configs saved by earlier versions ------------------------------------------------------------------------
+REMOVED_KEYS = ("eval.meta_batch_size",)  # read by nothing (issue 15); checkpoints written before still hold it
+
+
+def upgrade_saved(saved: dict) -> dict:
+    """A checkpoint's saved config as this version would save it: the algorithm's `_target_` (from
+    conf/algorithm/<name>.yaml) when it predates `_target_`; without REMOVED_KEYS and without algorithm keys its
+    class no longer has (pretrain's inner_steps/first_order, reptile's outer_lr, ...; dataset presets' inner_steps,
+    inner_lr, outer_lr stay: they are still set). Resume compares against it (checkpoint.config_differences) and
+    eval.only starts from it. An algorithm that cannot be found leaves the config as it was."""
+    import copy
+    upgraded = copy.deepcopy(saved)
+    for key in REMOVED_KEYS:
+        section, _, name = key.partition(".")
+        if isinstance(upgraded.get(section), dict):
+            upgraded[section].pop(name, None)
+    algorithm = upgraded.get("algorithm")
+    if not isinstance(algorithm, dict):
+        return upgraded
+    from .algorithms import algorithm_class
+    try:
+        cls = algorithm_class(OmegaConf.create(algorithm))
+    except (UserError, OmegaConfBaseException):
+        return upgraded
+    known = field_names(cls.Config)
+    kept = {key: value for key, value in algorithm.items() if key in known or key in PRESET_ALGORITHM_KEYS}
+    upgraded["algorithm"] = {"_target_": f"{cls.__module__}.{cls.__qualname__}", **kept}
+    return upgraded
+
+
 # ---- results schema ----------------------------------------------------------------------------------------------
 RESULT_LEADING_KEYS = ["algorithm.name", "dataset.name", "model.name", "dataset.ways", "dataset.shots",
                        "dataset.query_shots"]

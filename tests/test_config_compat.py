@@ -1,6 +1,7 @@
 """Runs saved before the typed config (issue 15) still work: their checkpoints' configs hold keys since removed
-(eval.meta_batch_size, pretrain's inner_steps and first_order) and no algorithm._target_. They resume (the
-differences are only logged) and eval.only re-tests them. results.csv of different algorithms aggregate."""
+(eval.meta_batch_size, pretrain's inner_steps and first_order) and no algorithm._target_. They are compared as this
+version saves them (config.upgrade_saved): they resume, train.resume=true recognises them, eval.only re-tests them.
+results.csv of different algorithms aggregate."""
 from __future__ import annotations
 
 import logging
@@ -41,9 +42,12 @@ def old_run(request, tmp_path_factory):
     return request.param, run_dir, row
 
 
-def test_eval_only_retests_a_run_saved_before_the_typed_config(old_run, tmp_path):
+@pytest.mark.parametrize("repeat_training_command", [False, True])
+def test_eval_only_retests_a_run_saved_before_the_typed_config(old_run, repeat_training_command, tmp_path):
     name, run_dir, row = old_run
     command = ["eval.only=true", f"train.resume={run_dir}", "hardware=cpu", "hardware.threads=1"]
+    if repeat_training_command:  # the training command line with eval.only=true added (eval_only.py)
+        command += [f"algorithm={name}", *TINY]
     again = evaluate_only(compose_config(command), tmp_path, command)
     assert again["mean"] == pytest.approx(row["mean"], rel=1e-6)  # same checkpoint, same 8 test tasks
     (written,) = read_csv(again["results_file"], typed=True)
@@ -58,8 +62,24 @@ def test_a_run_saved_before_the_typed_config_resumes(old_run, tmp_path, caplog):
         row = run(compose_config([f"algorithm={name}", *TINY, "train.iterations=9", f"train.resume={run_dir}"]),
                   tmp_path)
     assert row["iterations_done"] == 9 and read_csv(run_dir / "results.csv", typed=True)[0]["iterations_done"] == 9
-    warning = " ".join(r.getMessage() for r in caplog.records if "with a different config" in r.getMessage())
-    assert "eval.meta_batch_size: 1 -> None" in warning  # differences are logged, never refused
+    warnings = [r.getMessage() for r in caplog.records if "with a different config" in r.getMessage()]
+    # the saved config is compared as this version saves it (config.upgrade_saved): only the real difference shows
+    assert len(warnings) == 1 and warnings[0].endswith("with a different config: train.iterations: 6 -> 9")
+
+
+def test_train_resume_true_finds_a_finished_run_saved_before_the_typed_config(tmp_path):
+    """train.resume=true looks for the newest sibling run with the same config: an old-format run still is one, so
+    a resumed sweep or run does not train again (nor re-test) what finished before the upgrade."""
+    cfg = compose_config(["algorithm=pretrain", *TINY, "report.enabled=false"])
+    first = run(cfg, tmp_path / "outputs" / "first")
+    as_saved_before_issue_15(tmp_path / "outputs" / "first")
+    results = tmp_path / "outputs" / "first" / "results.csv"
+    written = results.stat().st_mtime_ns
+    again = run(compose_config(["algorithm=pretrain", *TINY, "report.enabled=false", "train.resume=true"]),
+                tmp_path / "outputs" / "second")
+    assert again["mean"] == pytest.approx(first["mean"]) and again["iterations_done"] == 6
+    assert results.stat().st_mtime_ns == written  # recognised as finished: not trained, not tested again
+    assert not (tmp_path / "outputs" / "second").exists()
 
 
 def test_results_of_different_algorithms_aggregate(tmp_path):
