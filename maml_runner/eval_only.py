@@ -130,7 +130,7 @@ def evaluate_only(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[s
     if not isinstance(saved, dict):
         raise CheckpointError(f"checkpoint '{path}' holds no run config; eval.only=true needs a checkpoint written "
                               f"by maml-run")
-    eval_cfg = retest_config(config_checks.upgrade_saved(saved), cfg, overrides)  # a run saved by an earlier version too
+    eval_cfg = retest_config(config_checks.upgrade_saved(saved), cfg, overrides)  # saved by any version
     config_checks.validate(eval_cfg)
     results_name, tasks_name = result_names(eval_cfg, which)
     # One writer per run directory: a training still writing into it (or another re-test) is refused.

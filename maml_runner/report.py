@@ -134,7 +134,8 @@ def write_report(cfg: DictConfig, run_dir: str | Path, row: dict | None = None, 
         row = read_csv(run_dir / "results.csv", typed=True)[0]
     lines = [f"# Run report: {_value(cfg, 'name')}", "", f"Run directory: `{run_dir}`", "", "## Configuration", "",
              "| key | value |", "|---|---|"]
-    lines += [f"| {key} | {_value(cfg, key)} |" for key in [*result_fields(cfg), *SUMMARY_KEYS] if OmegaConf.select(cfg, key) is not None
+    lines += [f"| {key} | {_value(cfg, key)} |" for key in [*result_fields(cfg), *SUMMARY_KEYS]
+              if OmegaConf.select(cfg, key) is not None
               or key == "train.iterations"]
     overrides = run_dir / ".hydra" / "overrides.yaml"
     if overrides.is_file():

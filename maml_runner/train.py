@@ -325,7 +325,8 @@ class Trainer:
         mean, ci = result.loss if regression else result.accuracy
         done = max(self.iteration, 1)
         best_loss, best_accuracy = best_validation(self.metrics_rows)
-        row = {**config_checks.flat_config(self.cfg, config_checks.result_fields(self.cfg)), "metric": metric, "mean": mean,
+        row = {**config_checks.flat_config(self.cfg, config_checks.result_fields(self.cfg)), "metric": metric,
+               "mean": mean,
                "ci95": ci, **result.summary("test"), "n_tasks": result.n_tasks, "checkpoint": which,
                "best_val_loss": best_loss, "best_val_accuracy": best_accuracy,
                "iterations_done": self.iteration, "train_seconds": round(self.train_seconds, 3),

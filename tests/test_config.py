@@ -51,7 +51,8 @@ def test_each_algorithm_yaml_names_its_class_and_holds_exactly_its_config_keys()
         cls = algorithm_class(section)
         assert f"{cls.__module__}.{cls.__qualname__}" == section._target_ and cls.name == section.name == name
         assert set(section.keys()) == {f.name for f in dataclasses.fields(cls.Config)}, name
-    gone = {"pretrain": ["inner_steps", "first_order"], "reptile": ["outer_lr", "first_order"], "fomaml": ["first_order"]}
+    gone = {"pretrain": ["inner_steps", "first_order"], "reptile": ["outer_lr", "first_order"],
+            "fomaml": ["first_order"]}
     for name, keys in gone.items():
         fields = {f.name for f in dataclasses.fields(algorithm_class(OmegaConf.create({"name": name})).Config)}
         assert not fields & set(keys), name

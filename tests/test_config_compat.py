@@ -91,4 +91,5 @@ def test_results_of_different_algorithms_aggregate(tmp_path):
     assert {"algorithm.name", "algorithm.first_order", "algorithm.inner_optimizer"} <= set(swept)
     assert "dataset.name" not in swept  # same in both
     by_run = {row["run"]: row for row in table}
-    assert by_run["reptile"]["algorithm.inner_optimizer"] == "sgd" and by_run["maml"]["algorithm.inner_optimizer"] is None
+    assert by_run["reptile"]["algorithm.inner_optimizer"] == "sgd"
+    assert by_run["maml"]["algorithm.inner_optimizer"] is None
