@@ -196,8 +196,8 @@ def validate(cfg: DictConfig) -> None:
         unset = OmegaConf.missing_keys(cfg)
     except OmegaConfBaseException:  # it resolves interpolations on its way: the resolution check below says which
         unset = set()
-    for key in sorted(unset, key=lambda k: (k.split(".")[0] not in SECTIONS, k)):
-        raise missing(key)
+    if unset:  # a YAML that leaves a schema key unset ('???'): the first, in section order
+        raise missing(min(unset, key=lambda k: (k.split(".")[0] not in SECTIONS, k)))
     try:
         OmegaConf.to_container(cfg, resolve=True)
     except Exception as exc:  # an interpolation that does not resolve (${oc.env:...}, a typo in ${...})

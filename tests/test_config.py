@@ -205,3 +205,12 @@ def test_a_new_algorithm_is_one_module_and_one_yaml(tmp_path):
     assert unknown.stderr.strip().splitlines() == [
         "maml-run: error: algorithm=foo is not an option; choose one of: anil, fomaml, maml, mamlpp, metasgd, "
         "pretrain, reptile, scaled_maml"]
+
+
+def test_a_key_a_yaml_leaves_unset_is_named():
+    """Every schema key is required: a preset that leaves one '???' (or forgets it) is reported before any work."""
+    from maml_runner.errors import UserError
+    with pytest.raises(UserError) as raised:
+        validate(compose_config(["dataset=omniglot_5w1s", "dataset.image_size=???"]))
+    assert str(raised.value) == ("dataset.image_size is missing from the config; it is required (restore it, e.g. "
+                                 "dataset.image_size=<value>)")
