@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 from omegaconf import OmegaConf
 
-from .config import RESULT_KEYS
+from .config import is_result_config_column
 from .errors import UserError
 from .io import atomic_write_text, read_csv, write_csv
 from .stats import paired_comparison
@@ -87,8 +87,12 @@ def collect(roots: Iterable[str | Path]) -> tuple[list[dict], list[str]]:
     given = given.astype(object).where(given.notna(), None)
     swept = [key for key in given.columns if given[key].nunique(dropna=False) > 1]
     if not swept:
-        configs = pd.DataFrame.from_records(rows, columns=RESULT_KEYS).astype(str)
-        swept = [key for key in RESULT_KEYS if configs[key].nunique() > 1]
+        # The config columns of every row (runs of different algorithms record different algorithm keys).
+        config_columns = list(dict.fromkeys(k for row in rows for k in row if is_result_config_column(k)))
+        # str() per value: a key a run lacks is "None", one more distinct value (astype(str) would keep NaN).
+        configs = pd.DataFrame([{key: str(row.get(key)) for key in config_columns} for row in rows],
+                               columns=config_columns)
+        swept = [key for key in config_columns if configs[key].nunique() > 1]
     common = _common_parent(runs)
     table = pd.DataFrame({"run": [str(r.relative_to(common)) if common else str(r) for r in runs]}, dtype=object)
     for key in swept:

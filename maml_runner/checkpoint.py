@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .config import upgrade_saved
 from .errors import CheckpointError, UserError
 from .io import atomic_write
 
@@ -191,7 +192,7 @@ def _flat(container, prefix="") -> dict:
 
 def config_differences(saved: dict, cfg: DictConfig) -> list[str]:
     """`key: saved -> current` for every config key that differs (ignoring `RESUME_IGNORED_KEYS`)."""
-    old, new = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
+    old, new = _flat(upgrade_saved(saved)), _flat(OmegaConf.to_container(cfg, resolve=True))  # as saved today
     ignored = lambda key: any(key == k or key.startswith(k + ".") for k in RESUME_IGNORED_KEYS)  # noqa: E731
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
             if not ignored(key) and old.get(key) != new.get(key)]

@@ -19,8 +19,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from . import config as config_checks
 from .errors import UserError
 from .paths import CONF_DIR
 from .runlock import Refused, hold
@@ -196,7 +197,10 @@ def hydra_error_line(exc: HydraException) -> str:
         return f"cannot parse override '{exc.override}': {lines[0]} ({lines[-1][0].lower() + lines[-1][1:]})"
     cause = exc.__cause__
     key = getattr(cause, "full_key", None)
-    if key and "not in struct" in str(cause):
+    refused = config_checks.composition_error_line(cause) if cause is not None else None
+    if refused:  # a value of the wrong type, or a required key removed: the words config.validate uses
+        return refused
+    if key and ("not in struct" in str(cause) or isinstance(cause, (ConfigAttributeError, ConfigKeyError))):
         close = difflib.get_close_matches(key, _known_keys(), n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         return f"{key} is not a config key; {hint}(maml-run --help lists them; +{key}=... adds a new key)"

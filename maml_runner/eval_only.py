@@ -112,9 +112,6 @@ def retest_config(saved: dict, cfg: DictConfig, overrides: Sequence[str]) -> Dic
 def result_names(cfg: DictConfig, which: str) -> tuple[str, str]:
     """results_eval_<...>.csv and test_tasks_eval_<...>.csv for this test's settings."""
     tag = f"eval_{which}_{int(cfg.eval.inner_steps)}steps_{int(cfg.eval.num_tasks)}tasks_seed{int(cfg.eval.seed)}"
-    batch = int(OmegaConf.select(cfg, "eval.meta_batch_size", default=1) or 1)
-    if batch != 1:  # tasks per forward change batch-norm statistics, so the numbers
-        tag += f"_batch{batch}"
     return f"results_{tag}.csv", f"test_tasks_{tag}.csv"
 
 
@@ -134,7 +131,7 @@ def evaluate_only(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[s
     if not isinstance(saved, dict):
         raise CheckpointError(f"checkpoint '{path}' holds no run config; eval.only=true needs a checkpoint written "
                               f"by maml-run")
-    eval_cfg = retest_config(saved, cfg, overrides)
+    eval_cfg = retest_config(config_checks.upgrade_saved(saved), cfg, overrides)  # saved by any version
     config_checks.validate(eval_cfg)
     results_name, tasks_name = result_names(eval_cfg, which)
     # One writer per run directory: a training still writing into it (or another re-test) is refused.

@@ -26,7 +26,7 @@ log = logging.getLogger("maml_runner.train")
 METRICS_FILE, RESULTS_FILE, TEST_TASKS_FILE = "metrics.csv", "results.csv", "test_tasks.csv"
 METRICS_COLUMNS = ["iteration", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_loss_ci95",
                    "val_accuracy_ci95", "grad_norm", "elapsed_seconds"]
-# results.csv: the run's config keys (train.RESULT_COLUMNS puts them first), then these.
+# results.csv: the run's config keys (train.result_columns puts them first), then these.
 # best_val_*: the lowest validation loss reached and the validation accuracy there (what best.pt holds); the value a
 # sweep returns to Hydra's sweeper (cli.sweep_objective), so tuning never looks at the test tasks.
 RESULT_METRIC_COLUMNS = ["metric", "mean", "ci95", "test_loss", "test_loss_ci95", "test_accuracy",

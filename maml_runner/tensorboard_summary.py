@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import RESULT_KEYS
+from .config import result_fields
 from .io import read_csv
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,9 @@ def final_metrics(row: dict) -> dict[str, float]:
 
 
 def hyperparameters(cfg: DictConfig, run_dir: Path) -> dict:
-    """RESULT_KEYS plus the keys this run's command line overrode (.hydra/overrides.yaml), as TensorBoard takes
+    """The results row's config keys (config.result_fields) plus the keys this run's command line overrode (.hydra/overrides.yaml), as TensorBoard takes
     them: bool, int, float or str (None and lists as text)."""
-    keys, given = list(RESULT_KEYS), {}
+    keys, given = list(result_fields(cfg)), {}
     overrides = run_dir / ".hydra" / "overrides.yaml"
     if overrides.is_file():
         for item in OmegaConf.to_container(OmegaConf.load(overrides)) or []:

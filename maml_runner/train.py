@@ -34,21 +34,14 @@ from .recorders import (METRICS_COLUMNS, RESULT_METRIC_COLUMNS, RESULTS_FILE, TE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METRICS_COLUMNS", "RESULT_COLUMNS", "StopRequested", "Trainer", "best_validation", "build",
+__all__ = ["METRICS_COLUMNS", "RESULT_METRIC_COLUMNS", "StopRequested", "Trainer", "best_validation", "build",
            "checkpoint_to_test", "result_columns", "run"]
 
 
-def result_keys(cfg: DictConfig | None = None) -> list[str]:
-    """The config keys a results row starts with (config.py decides which): the one place train.py asks."""
-    return list(config_checks.RESULT_KEYS)
-
-
-def result_columns(cfg: DictConfig | None = None) -> list[str]:
-    """results.csv's columns: `result_keys`, then the test's (recorders.RESULT_METRIC_COLUMNS)."""
-    return [*result_keys(cfg), *RESULT_METRIC_COLUMNS]
-
-
-RESULT_COLUMNS = result_columns()  # without a config: for callers that build rows by hand (tests, tools)
+def result_columns(cfg: DictConfig) -> list[str]:
+    """results.csv's columns: the config keys of this run's algorithm and data (config.result_fields), then the
+    test's (recorders.RESULT_METRIC_COLUMNS)."""
+    return [*config_checks.result_fields(cfg), *RESULT_METRIC_COLUMNS]
 
 
 class Trainer:
@@ -169,8 +162,8 @@ class Trainer:
         mean, ci = result.loss if regression else result.accuracy
         state = self.state
         best_loss, best_accuracy = best_validation(state.metrics_rows)
-        row = {**config_checks.flat_config(self.cfg, result_keys(self.cfg)), "metric": metric, "mean": mean,
-               "ci95": ci, **result.summary("test"), "n_tasks": result.n_tasks, "checkpoint": which,
+        row = {**config_checks.flat_config(self.cfg, config_checks.result_fields(self.cfg)), "metric": metric,
+               "mean": mean, "ci95": ci, **result.summary("test"), "n_tasks": result.n_tasks, "checkpoint": which,
                "best_val_loss": best_loss, "best_val_accuracy": best_accuracy,
                "iterations_done": state.iteration, "train_seconds": round(state.train_seconds, 3),
                "seconds_per_iteration": state.train_seconds / max(state.iteration, 1),
@@ -202,7 +195,7 @@ def without_mode_keys(cfg: DictConfig) -> DictConfig:
         raise UserError(f"eval.only={shown} reached a training run; eval.only=true is run by maml-run "
                         f"(eval_only.evaluate_only), which tests train.resume=<run dir or .pt> without training")
     cfg = copy.deepcopy(cfg)
-    with read_write(cfg), open_dict(cfg):
+    with read_write(cfg), open_dict(cfg.eval):  # the eval section itself: a typed section refuses deletion otherwise
         del cfg.eval["only"]
     return cfg
 

@@ -195,10 +195,10 @@ def test_ink_zero_keeps_the_pngs_polarity_as_reptile_and_mamlpp_load_them(tmp_pa
 
 @pytest.mark.parametrize("value,shown", [(2, "2"), ("white", "'white'"), (True, "true")])
 def test_bad_ink_is_one_line_error(tmp_path, value, shown):
-    cfg = compose_config(["dataset=omniglot_5w1s"])
-    cfg.dataset.ink = value
+    dataset = OmegaConf.create(OmegaConf.to_container(compose_config(["dataset=omniglot_5w1s"]).dataset))
+    dataset.ink = value  # untyped: the loader's own check (the composed config's schema refuses these earlier)
     with pytest.raises(UserError) as error:
-        build_omniglot(cfg.dataset)
+        build_omniglot(dataset)
     assert str(error.value) == (f"dataset.ink={shown} is invalid: expected 1 (ink 1 on a background of 0, "
                                 f"cbfinn/maml) or 0 (ink 0 on a background of 1, supervised-reptile and MAML++)")
 
@@ -222,8 +222,12 @@ def test_rotations_as_classes_makes_each_training_rotation_a_class(tmp_path):
 
 
 def test_bad_rotations_as_classes_is_one_line_error(tmp_path):
-    with pytest.raises(UserError, match=r"^dataset.rotations_as_classes='yes' is invalid: expected true or false$"):
-        _fixture_sources("nichol2018_reptile_5w1s", tmp_path, "dataset.rotations_as_classes=yes")
+    root = make_fake_omniglot(tmp_path / "data")
+    dataset = OmegaConf.create(OmegaConf.to_container(compose_config(
+        ["experiment=nichol2018_reptile_5w1s", f"dataset.root={root}", f"dataset.cache_dir={tmp_path}"]).dataset))
+    dataset.rotations_as_classes = "maybe"  # untyped: the loader's own check (the schema refuses it earlier)
+    with pytest.raises(UserError, match=r"^dataset.rotations_as_classes='maybe' is invalid: expected true or false$"):
+        build_omniglot(dataset)
 
 
 # ---- presets -------------------------------------------------------------------------------------------------------------

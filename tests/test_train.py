@@ -11,7 +11,7 @@ from conftest import compose_config
 from maml_runner.checkpoint import load_checkpoint
 from maml_runner.io import read_csv
 from maml_runner.evaluate import evaluate, mean_ci95
-from maml_runner.train import METRICS_COLUMNS, RESULT_COLUMNS, best_validation, build, run
+from maml_runner.train import METRICS_COLUMNS, best_validation, build, result_columns, run
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_metrics_csv_has_one_row_per_validation(tiny_run):
 def test_results_csv_schema_and_values(tiny_run):
     cfg, run_dir, row = tiny_run
     rows = read_csv(run_dir / "results.csv")
-    assert len(rows) == 1 and list(rows[0].keys()) == RESULT_COLUMNS
+    assert len(rows) == 1 and list(rows[0].keys()) == result_columns(cfg)
     result = rows[0]
     assert result["algorithm.name"] == "maml" and result["dataset.name"] == "sinusoid"
     assert result["metric"] == "mse" and int(result["n_tasks"]) == 16

@@ -15,10 +15,12 @@ from ..data.base import Task, TaskBatch
 from ..errors import UserError
 from .base import MetaAlgorithm
 from .inner_update import inner_update, set_parameters
+from .maml import MAML
 from .vectorized import adapt_head_and_query_grouped, grouped_model_reason, train_step_in_chunks, use_vectorized
 
 
 class ANIL(MetaAlgorithm):
+    Config = MAML.Config  # inner_steps, inner_lr (of the head), outer_lr, first_order
     name = "anil"
     honours_outer_loop_only = True  # only the head is adapted
     vectorize = "auto"  # hardware.vectorize (set by build_algorithm)

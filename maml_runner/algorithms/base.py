@@ -2,7 +2,9 @@
 
 An algorithm owns its meta-parameters (the model plus anything learned alongside it, e.g. inner learning
 rates) and its outer optimizer. The trainer only calls `train_step`, `evaluate_task` and the checkpoint hooks,
-so adding an algorithm means one module here plus one `conf/algorithm/<name>.yaml`.
+so adding an algorithm means one module (anywhere importable) plus one `conf/algorithm/<name>.yaml` that names its
+class with `_target_`. The class's `Config` dataclass lists the keys that YAML holds, with their types and allowed
+values (maml_runner/schema.py); config.validate checks the YAML's section against it right after composition.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch import nn
 
 from ..data.base import Task, TaskBatch
 from ..config import LOSS_REDUCTIONS
+from ..schema import AlgorithmConfig
 from ..errors import UserError
 from ..models import outer_loop_only
 
@@ -38,6 +41,7 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
 class MetaAlgorithm(nn.Module, ABC):
     """Meta-parameters + outer optimizer + how to adapt to one task."""
 
+    Config = AlgorithmConfig  # the keys of its conf/algorithm/<name>.yaml; subclasses extend it
     name: str = "base"
     # Whether the algorithm keeps model.bn_adapted=false's batch-norm parameters out of its inner loop.
     honours_outer_loop_only = False

@@ -5,17 +5,27 @@ same meta-objective and meta-gradient, one pass over the batch instead of one le
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import learn2learn as l2l
 import torch
 
 from ..data.base import Task, TaskBatch
 from ..models import outer_loop_only
+from ..schema import BOOL, POSITIVE_FLOAT, POSITIVE_INT, AlgorithmConfig, required
 from .base import MetaAlgorithm
 from .inner_update import inner_update, set_parameters
 from .vectorized import adapt_and_query, train_step_in_chunks, use_vectorized
 
 
 class MAML(MetaAlgorithm):
+    @dataclass
+    class Config(AlgorithmConfig):
+        inner_steps: int = required(POSITIVE_INT)
+        inner_lr: float = required(POSITIVE_FLOAT)
+        outer_lr: float = required(POSITIVE_FLOAT)
+        first_order: bool = required(BOOL)
+
     name = "maml"
     honours_outer_loop_only = True
     vectorize = "auto"  # hardware.vectorize (set by build_algorithm)

@@ -18,18 +18,36 @@ norm. With `model.bn=running`, evaluation uses the per-step running statistics; 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from ..data.base import Task, TaskBatch
 from ..models import PerStepBatchNorm, outer_loop_only, per_step_batch_norms
+from ..schema import (BOOL, FRACTION, OPTIONAL_POSITIVE_FLOAT, OPTIONAL_POSITIVE_INT, POSITIVE_FLOAT, required)
 from .base import MetaAlgorithm
 from .inner_update import Rate, inner_update, per_step_rates
+from .maml import MAML
 from .vectorized import adapt_and_query_grouped, grouped_model_reason, train_step_in_chunks, use_vectorized
 
 
 class MAMLPlusPlus(MetaAlgorithm):
+    @dataclass
+    class Config(MAML.Config):
+        rate_outer_lr: Optional[float] = required(OPTIONAL_POSITIVE_FLOAT)
+        min_outer_lr: float = required(POSITIVE_FLOAT)
+        multi_step_loss: bool = required(BOOL)
+        msl_fraction: float = required(FRACTION)
+        derivative_order_annealing: bool = required(BOOL)
+        first_order_fraction: float = required(FRACTION)
+        learned_step_rates: bool = required(BOOL)
+        per_step_bn: bool = required(BOOL)
+        bn_steps: Optional[int] = required(OPTIONAL_POSITIVE_INT)
+        cosine_annealing: bool = required(BOOL)
+
     name = "mamlpp"
     honours_outer_loop_only = True
     vectorize = "auto"  # hardware.vectorize (set by build_algorithm)

@@ -6,16 +6,25 @@ meta-batch at once (algorithms/vectorized.py, hardware.vectorize), as MAML's do.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import learn2learn as l2l
 import torch
 
 from ..data.base import Task, TaskBatch
+from ..schema import OPTIONAL_POSITIVE_FLOAT, required
 from .base import MetaAlgorithm
 from .inner_update import Rate, inner_update, per_parameter_rates, set_parameters
+from .maml import MAML
 from .vectorized import adapt_and_query, train_step_in_chunks, use_vectorized
 
 
 class MetaSGD(MetaAlgorithm):
+    @dataclass
+    class Config(MAML.Config):
+        rate_outer_lr: Optional[float] = required(OPTIONAL_POSITIVE_FLOAT)
+
     name = "metasgd"
     vectorize = "auto"  # hardware.vectorize (set by build_algorithm)
 

@@ -4,7 +4,7 @@ size eps annealed linearly to 0 over training.
 
 The inner loop trains on all of the task's data (support and query: Reptile has no query loss); evaluation adapts
 on the support set with plain SGD (`eval_optimizer=sgd`, at `eval_inner_lr`) or with the training inner optimizer
-(`eval_optimizer=inner`). `algorithm.meta_step_size` is eps; `outer_lr` is not used by Reptile.
+(`eval_optimizer=inner`). `algorithm.meta_step_size` is eps; Reptile has no `outer_lr`.
 
 `inner_optimizer_state=persistent` is openai/supervised-reptile's behaviour: only the model's trainable variables are
 reset between tasks, so the inner Adam's moments and step count carry over across tasks and meta-iterations; its
@@ -26,12 +26,15 @@ numbers (not done). `persistent` SGD also keeps the loop, which records the (emp
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
-
 from torch.func import vmap
 
 from ..data.base import Task, TaskBatch
+from ..schema import (OPTIONAL_POSITIVE_FLOAT, OPTIONAL_POSITIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, AlgorithmConfig,
+                      one_of, required)
 from .base import MetaAlgorithm
 from .vectorized import fine_tune_grouped, grouped_model_reason, task_chunks, use_vectorized
 
@@ -41,6 +44,19 @@ EVAL_BATCH_SEED = 0  # evaluation mini-batches: the same generator state for eve
 
 
 class Reptile(MetaAlgorithm):
+    @dataclass
+    class Config(AlgorithmConfig):  # no outer_lr: the outer step is meta_step_size
+        inner_steps: int = required(POSITIVE_INT)
+        inner_lr: float = required(POSITIVE_FLOAT)
+        inner_optimizer: str = required(one_of("sgd", "adam"))
+        inner_betas: List[float] = required()
+        meta_step_size: float = required(POSITIVE_FLOAT)
+        eval_inner_lr: Optional[float] = required(OPTIONAL_POSITIVE_FLOAT)
+        inner_batch_size: Optional[int] = required(OPTIONAL_POSITIVE_INT)  # null: full-batch inner steps
+        eval_inner_batch_size: Optional[int] = required(OPTIONAL_POSITIVE_INT)
+        inner_optimizer_state: str = required(one_of("fresh", "persistent"))
+        eval_optimizer: str = required(one_of("sgd", "inner"))
+
     name = "reptile"
     vectorize = "auto"  # hardware.vectorize (set by build_algorithm)
 

@@ -394,6 +394,9 @@ def build_omniglot(dataset_cfg) -> dict[str, OmniglotTasks]:
     """Episode sources for the train / validation / test characters."""
     check_task_shape(dataset_cfg)
     ink = check_ink(dataset_cfg)
+    as_classes = dataset_cfg.get("rotations_as_classes", False)
+    if not isinstance(as_classes, bool):
+        raise UserError(f"dataset.rotations_as_classes={as_classes!r} is invalid: expected true or false")
     data = load_omniglot(dataset_cfg.root, int(dataset_cfg.get("image_size", 28)), dataset_cfg.get("cache_dir"),
                          bool(dataset_cfg.get("download", False)), str(dataset_cfg.get("image_resize", "lanczos")))
     seed = int(dataset_cfg.get("split_seed", 1))
@@ -402,9 +405,6 @@ def build_omniglot(dataset_cfg) -> dict[str, OmniglotTasks]:
     degrees = tuple(dataset_cfg.get("rotations", (0, 90, 180, 270)))
     eval_degrees = dataset_cfg.get("eval_rotations")
     eval_degrees = degrees if eval_degrees is None else tuple(eval_degrees)  # MAML++/Reptile: test classes unrotated
-    as_classes = dataset_cfg.get("rotations_as_classes", False)
-    if not isinstance(as_classes, bool):
-        raise UserError(f"dataset.rotations_as_classes={as_classes!r} is invalid: expected true or false")
     sources = {}
     for name, ids in split.items():
         mask = torch.zeros(data.num_characters, dtype=torch.bool)
