@@ -80,7 +80,7 @@ def build_algorithm(model, algorithm_cfg, task_type: str, total_iterations: int,
     algorithm.grad_clip = grad_clip
     algorithm.set_loss_reduction(str(algorithm_cfg.get("loss_reduction", "mean")),
                                  getattr(train_source, "shots", None))
-    algorithm.vectorize = vectorize  # hardware.vectorize: read by algorithms with a vectorized inner loop (MAML, FOMAML, MAML++)
+    algorithm.vectorize = vectorize  # hardware.vectorize: read by the algorithms with a task-grouped inner loop
     if train_source is not None:
         algorithm.bind_data(train_source)
     if algorithm.optimizer is None:
