@@ -4,6 +4,8 @@ import io as _io
 
 __version__ = "0.1.0"
 
+from . import schema as _schema  # noqa: E402,F401 - registers the config schemas with Hydra before any compose
+
 # learn2learn imports the unmaintained `gym` package, which prints a multi-line deprecation banner on import.
 with _contextlib.redirect_stderr(_io.StringIO()), _contextlib.redirect_stdout(_io.StringIO()):
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .checkpoint import LAST, load_checkpoint
+from .checkpoint import LAST, load_algorithm, load_checkpoint
 from .errors import UserError
 from .evaluate import evaluate
 from .io import atomic_write_text, read_csv, write_csv
@@ -112,7 +112,6 @@ def run_ablation(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     from .data import build_sources
     from .hardware import configure
     from .models import build_model
-    from .train import Trainer
 
     config_checks.validate(cfg)
     eval_steps = _steps(cfg, "ablation.eval_steps")
@@ -146,7 +145,7 @@ def run_ablation(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
         model = build_model(sub_cfg.model, sub_cfg.dataset).to(device)
         algorithm = build_algorithm(model, sub_cfg.algorithm, sources["train"].task_type,
                                     int(sub_cfg.train.iterations), train_source=sources["train"]).to(device)
-        Trainer(sub_cfg, run_dir, algorithm, sources, device)._load_algorithm(checkpoint)
+        load_algorithm(algorithm, checkpoint, map_location=device)
         for e in eval_steps:
             result = evaluate(algorithm, tasks, e, device)
             metric = "mse" if algorithm.task_type == "regression" else "accuracy"

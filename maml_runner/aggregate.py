@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 from omegaconf import OmegaConf
 
-from .config import RESULT_KEYS
+from .config import is_result_config_column
 from .errors import UserError
 from .io import atomic_write_text, read_csv, write_csv
 from .stats import paired_comparison
@@ -66,33 +66,45 @@ def _eval_seed(run_dir: Path):
 
 def collect(roots: Iterable[str | Path]) -> tuple[list[dict], list[str]]:
     """One row per run: run dir, swept keys, metrics. Swept keys: overrides whose value differs between runs
-    (else result-config columns that differ, for runs not started through Hydra)."""
+    (else result-config columns that differ, for runs not started through Hydra). Built as a pandas DataFrame;
+    returned as records (each with `_dir` and its results row `_row`) for the comparisons and the markdown."""
+    import pandas as pd
+
     runs = find_runs(roots)
     if not runs:
         raise UserError(f"no {RESULTS} under {', '.join(map(str, roots))}; run maml-run first (runs that did not "
                         f"finish have no {RESULTS})")
-    results = []
+    rows, overrides = [], []
     for run_dir in runs:
-        rows = read_csv(run_dir / RESULTS, typed=True)
-        if len(rows) != 1:
-            raise UserError(f"'{run_dir / RESULTS}' has {len(rows)} rows; expected 1 (a results.csv written by "
+        found = read_csv(run_dir / RESULTS, typed=True)
+        if len(found) != 1:
+            raise UserError(f"'{run_dir / RESULTS}' has {len(found)} rows; expected 1 (a results.csv written by "
                             f"maml-run)")
-        results.append((run_dir, run_overrides(run_dir), rows[0]))
-    override_keys = list(dict.fromkeys(k for _, overrides, _ in results for k in overrides))
-    swept = [k for k in override_keys if len({overrides.get(k) for _, overrides, _ in results}) > 1]
+        rows.append(found[0])
+        overrides.append(run_overrides(run_dir))
+    # One column per overridden key (first-seen order); None where a run left the key alone (a distinct value).
+    given = pd.DataFrame.from_records(overrides, columns=list(dict.fromkeys(k for o in overrides for k in o)))
+    given = given.astype(object).where(given.notna(), None)
+    swept = [key for key in given.columns if given[key].nunique(dropna=False) > 1]
     if not swept:
-        swept = [k for k in RESULT_KEYS if len({str(row.get(k)) for _, _, row in results}) > 1]
-    common = _common_parent([r for r, _, _ in results])
-    table = []
-    for run_dir, overrides, row in results:
-        entry = {"run": str(run_dir.relative_to(common)) if common else str(run_dir)}
-        for key in swept:
-            # A group not overridden in this run (e.g. set by an experiment preset): the name it ran with.
-            entry[key] = overrides[key] if key in overrides else row.get(key, row.get(f"{key}.name"))
-        entry.update({key: row.get(key) for key in METRIC_COLUMNS})
-        entry["_dir"], entry["_row"] = run_dir, row
-        table.append(entry)
-    return table, swept
+        # The config columns of every row (runs of different algorithms record different algorithm keys).
+        config_columns = list(dict.fromkeys(k for row in rows for k in row if is_result_config_column(k)))
+        # str() per value: a key a run lacks is "None", one more distinct value (astype(str) would keep NaN).
+        configs = pd.DataFrame([{key: str(row.get(key)) for key in config_columns} for row in rows],
+                               columns=config_columns)
+        swept = [key for key in config_columns if configs[key].nunique() > 1]
+    common = _common_parent(runs)
+    table = pd.DataFrame({"run": [str(r.relative_to(common)) if common else str(r) for r in runs]}, dtype=object)
+    for key in swept:
+        # A group not overridden in this run (e.g. set by an experiment preset): the name it ran with.
+        table[key] = pd.Series([o[key] if key in o else row.get(key, row.get(f"{key}.name"))
+                                for o, row in zip(overrides, rows)], dtype=object)
+    for key in METRIC_COLUMNS:  # object columns: None stays "no value", nan stays a number
+        table[key] = pd.Series([row.get(key) for row in rows], dtype=object)
+    records = table.to_dict("records")
+    for record, run_dir, row in zip(records, runs, rows):
+        record["_dir"], record["_row"] = run_dir, row
+    return records, swept
 
 
 def _common_parent(paths: Sequence[Path]) -> Path | None:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .config import upgrade_saved
 from .errors import CheckpointError, UserError
 from .io import atomic_write
 
@@ -146,6 +147,31 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return _upgrade(payload)
 
 
+def load_algorithm(algorithm, path: str | Path, map_location="cpu") -> dict:
+    """Load a checkpoint's meta-parameters (and the optimizer and schedule state saved with them) into `algorithm`.
+
+    The one way to put a saved model back: training resume, the final test, eval.only re-tests, the ablation and
+    the report's adaptation plot all call it.
+
+    Arguments:
+        algorithm: a `MetaAlgorithm` built from the same algorithm/model/dataset config as the checkpoint.
+        path: a checkpoint file written by maml-run (read without running code: `load_checkpoint`).
+        map_location: where the tensors go (the algorithm's device).
+    Returns the whole checkpoint (iteration, metrics_rows, rng, config, ...), for callers that continue or report.
+    Raises `CheckpointError`, one line, when the file is missing, foreign, corrupt or does not fit `algorithm`.
+    """
+    state = load_checkpoint(path, map_location=map_location)
+    try:
+        algorithm.load_checkpoint_state(state["algorithm"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        # torch's message starts "Error(s) in loading state_dict for X:"; the first line after it says what.
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+        detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+        raise CheckpointError(f"checkpoint '{path}' does not fit this config (algorithm/model/dataset differ): "
+                              f"{detail}") from None
+    return state
+
+
 def best_val_loss_on_disk(checkpoint_dir: Path) -> float:
     """The validation loss `best.pt` holds (inf if there is none or it cannot be read: it will be replaced)."""
     try:
@@ -166,7 +192,7 @@ def _flat(container, prefix="") -> dict:
 
 def config_differences(saved: dict, cfg: DictConfig) -> list[str]:
     """`key: saved -> current` for every config key that differs (ignoring `RESUME_IGNORED_KEYS`)."""
-    old, new = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
+    old, new = _flat(upgrade_saved(saved)), _flat(OmegaConf.to_container(cfg, resolve=True))  # as saved today
     ignored = lambda key: any(key == k or key.startswith(k + ".") for k in RESUME_IGNORED_KEYS)  # noqa: E731
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
             if not ignored(key) and old.get(key) != new.get(key)]

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -18,8 +19,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from . import config as config_checks
 from .errors import UserError
 from .paths import CONF_DIR
 from .runlock import Refused, hold
@@ -43,8 +45,16 @@ class _StopSweep(BaseException):
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def _main(cfg: DictConfig) -> float | None:
-    global _task_started, _single_run_failure
+    global _task_started
     _task_started = True
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    with logging_redirect_tqdm():  # log lines print above the progress bar instead of breaking it
+        return _task(cfg)
+
+
+def _task(cfg: DictConfig) -> float | None:
+    """One maml-run (or one sweep job): evaluate-only, an ablation, or a training run with its report."""
+    global _single_run_failure
     from .train import StopRequested, run
 
     try:
@@ -62,15 +72,19 @@ def _main(cfg: DictConfig) -> float | None:
                 exc.args = (f"{exc}; resume the ablation with: {rerun_command(output_dir)}",)
                 exc.resume_named = True
                 raise
+            _write_tensorboard_summary(cfg, output_dir, None)  # the heatmap and curves as TensorBoard images
             return None
         row = run(cfg, output_dir)
         if cfg.get("report") is not None and cfg.report.get("enabled", False):
             report_dir = Path(row.get("run_dir") or output_dir)  # a resumed run's own directory: lock it again
             with hold(report_dir):
                 _write_report(cfg, report_dir, row)
+        if row.get("run_dir"):  # trained and tested now (a finished run that was not re-run has its summary)
+            _write_tensorboard_summary(cfg, Path(row["run_dir"]), row)
         # ---- end of issue 4 hook ------------------------------------------------------------------------
     except (UserError, StopRequested, OmegaConfBaseException) as exc:
         if isinstance(exc, StopRequested):
+            requeue_through_submitit(exc)  # SIGUSR2 in a Slurm/submitit job: requeued, this process exits here
             if not getattr(exc, "resume_named", False):
                 exc.args = (f"{exc}; resume with: {resume_command(Path(exc.run_dir))}",)
             if _is_multirun():
@@ -84,10 +98,29 @@ def _main(cfg: DictConfig) -> float | None:
 
 def sweep_objective(row: dict) -> float:
     """The value a job returns to Hydra's sweeper (e.g. Optuna, direction minimize): the lowest validation loss the
-    run reached (results.csv best_val_loss; cross-entropy on classification, MSE on regression), nan when it reached
-    none. Never a test number: choosing hyperparameters by the test mean would make the reported test optimistic."""
+    run reached (results.csv best_val_loss; cross-entropy on classification, MSE on regression), +inf when it reached
+    none (a diverged trial ranks last; Optuna rejects nan and the Hydra plugin then aborts the whole search). Never a
+    test number: choosing hyperparameters by the test mean would make the reported test optimistic."""
     value = row.get("best_val_loss")
-    return math.nan if value is None else float(value)
+    value = math.nan if value is None else float(value)
+    return math.inf if math.isnan(value) else value
+
+
+def requeue_through_submitit(stop) -> None:
+    """Hand a SIGUSR2 stop to submitit, when this is a submitit job (hydra/launcher=slurm or local_submitit).
+
+    Slurm sends SIGUSR2 `signal_delay_s` before a time limit and, where the cluster is set up for it, at a preemption.
+    submitit's handler for it requeues the job with the same arguments; the trainer replaced that handler while it
+    ran, so that it could finish the iteration and save last.pt first, and put it back when it stopped. Calling it now
+    requeues the job and exits this process (SystemExit); the requeued job resumes last.pt (the presets set
+    MAML_RUN_RESUME, hence train.resume=true). Outside submitit this returns and the stop ends the run as usual."""
+    signum = getattr(stop, "signum", None)
+    if signum != getattr(signal, "SIGUSR2", None):
+        return
+    handler = signal.getsignal(signum)
+    if callable(handler) and str(getattr(handler, "__module__", "")).startswith("submitit"):
+        log.warning("%s; handing over to submitit to requeue this job", stop)
+        handler(signum, None)
 
 
 def _write_report(cfg: DictConfig, run_dir: Path, row: dict) -> None:
@@ -101,6 +134,17 @@ def _write_report(cfg: DictConfig, run_dir: Path, row: dict) -> None:
         raise
     except Exception as exc:  # noqa: BLE001 - the results are written; a report problem must not hide them
         log.warning("report.md not written: %s: %s", type(exc).__name__, exc)
+
+
+def _write_tensorboard_summary(cfg: DictConfig, run_dir: Path, row: dict | None) -> None:
+    """HParams, final metrics, validation CIs and the run's figures into <run dir>/tb (tensorboard_summary.py); a
+    failure is a warning, never a failed run."""
+    from .tensorboard_summary import write_run_summary
+    try:
+        with hold(run_dir):
+            write_run_summary(run_dir, cfg, row)
+    except Exception as exc:  # noqa: BLE001 - the results are written; a summary problem must not hide them
+        log.warning("TensorBoard summary not written: %s: %s", type(exc).__name__, exc)
 
 
 def _is_multirun() -> bool:
@@ -153,7 +197,10 @@ def hydra_error_line(exc: HydraException) -> str:
         return f"cannot parse override '{exc.override}': {lines[0]} ({lines[-1][0].lower() + lines[-1][1:]})"
     cause = exc.__cause__
     key = getattr(cause, "full_key", None)
-    if key and "not in struct" in str(cause):
+    refused = config_checks.composition_error_line(cause) if cause is not None else None
+    if refused:  # a value of the wrong type, or a required key removed: the words config.validate uses
+        return refused
+    if key and ("not in struct" in str(cause) or isinstance(cause, (ConfigAttributeError, ConfigKeyError))):
         close = difflib.get_close_matches(key, _known_keys(), n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         return f"{key} is not a config key; {hint}(maml-run --help lists them; +{key}=... adds a new key)"

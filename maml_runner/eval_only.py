@@ -25,7 +25,6 @@ from . import config as config_checks
 from . import runlock
 from .checkpoint import LAST, checkpoint_run_dir, load_checkpoint
 from .errors import CheckpointError, UserError
-from .io import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +112,15 @@ def retest_config(saved: dict, cfg: DictConfig, overrides: Sequence[str]) -> Dic
 def result_names(cfg: DictConfig, which: str) -> tuple[str, str]:
     """results_eval_<...>.csv and test_tasks_eval_<...>.csv for this test's settings."""
     tag = f"eval_{which}_{int(cfg.eval.inner_steps)}steps_{int(cfg.eval.num_tasks)}tasks_seed{int(cfg.eval.seed)}"
-    batch = int(OmegaConf.select(cfg, "eval.meta_batch_size", default=1) or 1)
-    if batch != 1:  # tasks per forward change batch-norm statistics, so the numbers
-        tag += f"_batch{batch}"
     return f"results_{tag}.csv", f"test_tasks_{tag}.csv"
 
 
 def evaluate_only(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[str] = ()) -> dict:
     """Test the checkpoint train.resume names with this command's eval settings; write the results beside the run's
     own. `overrides`: the command line's (Hydra's task overrides), which say what to take from `cfg`."""
-    from .train import RESULT_COLUMNS, TEST_TASKS_COLUMNS, build
+    from .lifecycle import TrainingState
+    from .recorders import ResultsCsv, TestTasksCsv
+    from .train import build, result_columns
 
     if OmegaConf.select(cfg, "ablation.enabled", default=False):
         raise UserError("eval.only=true and ablation.enabled=true cannot be combined; the ablation tests every "
@@ -133,22 +131,22 @@ def evaluate_only(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[s
     if not isinstance(saved, dict):
         raise CheckpointError(f"checkpoint '{path}' holds no run config; eval.only=true needs a checkpoint written "
                               f"by maml-run")
-    eval_cfg = retest_config(saved, cfg, overrides)
+    eval_cfg = retest_config(config_checks.upgrade_saved(saved), cfg, overrides)  # saved by any version
     config_checks.validate(eval_cfg)
     results_name, tasks_name = result_names(eval_cfg, which)
     # One writer per run directory: a training still writing into it (or another re-test) is refused.
     with runlock.hold(run_dir):
         trainer = build(eval_cfg, Path(output_dir))  # the run's files stay as they are; split etc. go to the log dir
         # What the tested state was trained with, for the row's iterations_done / train_seconds / best_val_*.
-        trainer.iteration = int(state.get("iteration", 0))
-        trainer.train_seconds = float(state.get("train_seconds", 0.0))
-        trainer.metrics_rows = list(state.get("metrics_rows") or [])
-        row, result = trainer.evaluate_checkpoint(path, which)
-        write_csv(run_dir / results_name, [row], RESULT_COLUMNS)
-        write_csv(run_dir / tasks_name, result.task_rows(), TEST_TASKS_COLUMNS)
+        trainer.state = TrainingState(iteration=int(state.get("iteration", 0)),
+                                      train_seconds=float(state.get("train_seconds", 0.0)),
+                                      metrics_rows=list(state.get("metrics_rows") or []))
+        row, result = trainer.evaluate_checkpoint(path, which)  # loads `path` (checkpoint.load_algorithm)
+        ResultsCsv(run_dir / results_name, result_columns(eval_cfg)).write(row)
+        TestTasksCsv(run_dir / tasks_name).write(result)
     unit, scale = ("MSE", 1) if row["metric"] == "mse" else ("accuracy", 100)
     log.info("eval only: %s (iteration %d) after %d eval steps on %d tasks: test %s %.4g ± %.2g (95%% CI) | "
-             "results: %s", path, trainer.iteration, int(eval_cfg.eval.inner_steps), row["n_tasks"], unit,
+             "results: %s", path, trainer.state.iteration, int(eval_cfg.eval.inner_steps), row["n_tasks"], unit,
              scale * row["mean"], scale * row["ci95"], run_dir / results_name)
     row["run_dir"], row["results_file"] = str(run_dir), str(run_dir / results_name)
     return row

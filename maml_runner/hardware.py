@@ -1,8 +1,9 @@
-"""Device choice, threads, seeding and determinism."""
+"""Device choice, threads, seeding and determinism; the peak-memory probe results.csv reports."""
 from __future__ import annotations
 
 import os
 import random
+import resource
 
 import numpy as np
 import torch
@@ -16,8 +17,13 @@ def select_device(hardware_cfg) -> torch.device:
     requested = str(hardware_cfg.device)
     if requested not in DEVICES and not requested.startswith("cuda:"):
         raise UserError(f"hardware.device={requested!r} is invalid: expected one of {', '.join(DEVICES)}, cuda:<index>")
+    if requested in ("auto", "cuda") and torch.cuda.is_available():  # no index given: spread a sweep's jobs
+        device = torch.device(device_for_job(sweep_job_number(), torch.cuda.device_count()))
+        if device.index is not None:  # also for code that allocates on the bare "cuda" device
+            torch.cuda.set_device(device)
+        return device
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"hardware.device={requested} was requested but no CUDA device is available; "
                         f"use hardware=cpu or hardware=auto")
@@ -29,6 +35,34 @@ def select_device(hardware_cfg) -> torch.device:
         raise UserError(f"hardware.device={requested}: there are only {torch.cuda.device_count()} CUDA device(s); "
                         f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+# ---- multi-GPU sweeps: one device per job, round robin (issue 18) ------------------------------------------------
+def device_for_job(job_number: int | None, device_count: int) -> str:
+    """The CUDA device of a sweep job: job k of a `maml-run -m` sweep gets cuda:(k mod device_count), so the jobs a
+    joblib or submitit_local launcher runs at the same time spread over the visible GPUs instead of all landing on
+    cuda:0. Outside a sweep (job_number None) or with one visible device: "cuda" (the current device, cuda:0).
+
+    Arguments: job_number: Hydra's hydra.job.num, or None; device_count: torch.cuda.device_count() (>= 1).
+    Returns a torch device string."""
+    if job_number is None or device_count <= 1:
+        return "cuda"
+    return f"cuda:{int(job_number) % int(device_count)}"
+
+
+def sweep_job_number() -> int | None:
+    """hydra.job.num of the running multirun job; None in a single run or outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        if not HydraConfig.initialized():
+            return None
+        hydra_cfg = HydraConfig.get()
+        if str(hydra_cfg.mode) != "RunMode.MULTIRUN":
+            return None
+        return int(hydra_cfg.job.num)
+    except Exception:  # hydra.job.num unset (a config composed by hand): no sweep to spread
+        return None
+# ---- end of multi-GPU sweeps --------------------------------------------------------------------------------------
 
 
 def configure(hardware_cfg, seed: int) -> torch.device:
@@ -49,3 +83,29 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# ---- peak memory ------------------------------------------------------------------------------------------
+def reset_peak_memory(device: torch.device) -> None:
+    """Start this run's peak-memory count (sweep jobs share one process: the process-wide peak would carry over)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:  # Linux: "5" resets the resident-set high-water mark VmHWM
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak since `reset_peak_memory`: max allocated on CUDA, resident set size (VmHWM) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # KiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; process-wide peak

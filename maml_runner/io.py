@@ -1,8 +1,10 @@
-"""Atomic file writes: a reader never sees a half-written checkpoint or table (temp file + fsync + rename)."""
+"""Atomic file writes: a reader never sees a half-written checkpoint or table (temp file + fsync + rename); the CSV
+tables are written and read through pandas."""
 from __future__ import annotations
 
-import csv
 import io
+import math
+import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -64,15 +66,28 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
-def write_csv(path: str | Path, rows: Iterable[Mapping], columns: Sequence[str] | None = None) -> Path:
+def _is_nan(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isnan(value)
+
+
+def csv_text(rows: Iterable[Mapping], columns: Sequence[str] | None = None) -> str:
+    """The CSV text of `rows` (pandas): a header of `columns` (default: every key, in first-seen order), one line
+    per row, keys not in `columns` ignored, a missing key or None an empty cell, nan written as `nan`."""
+    import pandas as pd
+
     rows = list(rows)
     if columns is None:
         columns = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write_text(path, buffer.getvalue())
+    # object columns keep every value as given (ints stay ints, floats print with repr precision); pandas writes
+    # all missing values alike, but an empty cell means "no value" (None) and `nan` a non-finite number here.
+    cells = [{key: "nan" if _is_nan(value) else value for key, value in row.items()} for row in rows]
+    frame = pd.DataFrame(cells, columns=list(columns), dtype=object)
+    return frame.to_csv(index=False, lineterminator="\n", na_rep="")
+
+
+def write_csv(path: str | Path, rows: Iterable[Mapping], columns: Sequence[str] | None = None) -> Path:
+    """Write `rows` as CSV to `path` atomically (see `csv_text` for the format)."""
+    return atomic_write_text(path, csv_text(rows, columns))
 
 
 def parse_cell(text: str):
@@ -89,10 +104,19 @@ def parse_cell(text: str):
     return text
 
 
+def read_frame(path: str | Path):
+    """A CSV written by `write_csv` as a pandas DataFrame of strings (empty cells as ""; nothing converted)."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    except pd.errors.EmptyDataError:  # a zero-byte file: no header, no rows
+        return pd.DataFrame()
+
+
 def read_csv(path: str | Path, typed: bool = False) -> list[dict]:
     """Rows as dicts of strings, or with `typed=True` of the values they were written from (see `parse_cell`)."""
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_frame(path).to_dict("records")
     if typed:
         rows = [{key: parse_cell(value) for key, value in row.items()} for row in rows]
     return rows

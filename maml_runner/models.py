@@ -82,7 +82,111 @@ def per_step_batch_norms(module: nn.Module, steps: int) -> list[PerStepBatchNorm
     return replaced
 
 
-class Conv4(nn.Module):
+# ---- task-grouped execution ----------------------------------------------------------------------------------
+# A meta-batch's T tasks at once, each with its own copy of the parameters (`params`: name -> tensor [T, *shape]).
+# Images run as [N, T*C, H, W] (task t owns channels t*C..t*C+C-1): a grouped convolution (groups=T) applies each
+# task's own filters, and batch norm's per-channel statistics are per task and channel, i.e. exactly each task's
+# transductive batch norm, with torch's native batch_norm and its (correct, fast) double backward. Vectors run as
+# [T, N, F] with batched matmuls. Activations, padding and pooling act per channel: the layout does not matter.
+def running_statistics_reason(model: nn.Module) -> str | None:
+    """None if no module of `model` updates running statistics (buffers written in the forward pass, which neither
+    the task-grouped forward nor vmap can do); else which module does."""
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats) or \
+                (isinstance(module, PerStepBatchNorm) and module.use_running_stats):
+            return f"{name or type(module).__name__} tracks running statistics (model.bn=running)"
+    return None
+
+
+def images_to_grouped(x: torch.Tensor) -> torch.Tensor:
+    """[T, N, C, H, W] -> [N, T*C, H, W]."""
+    tasks, n = x.shape[:2]
+    # channels_last measured slower here (2-core CPU: second-order grouped convs ~2x slower), so not used.
+    return x.transpose(0, 1).reshape(n, tasks * x.shape[2], *x.shape[3:])
+
+
+def grouped_features(x: torch.Tensor, tasks: int) -> torch.Tensor:
+    """[N, T*C, H, W] -> [T, N, C*H*W]: each task's images flattened as nn.Flatten flattens one image."""
+    return x.reshape(x.shape[0], tasks, -1).transpose(0, 1)
+
+
+def _shared(value: torch.Tensor, own: nn.Parameter) -> bool:
+    """Whether `value` is one tensor for all tasks (shaped like the module's own parameter `own`) rather than
+    per-task copies [T, *shape]: ANIL's body, which the inner loop does not adapt."""
+    return value.dim() == own.dim()
+
+
+def grouped_conv2d(conv: nn.Conv2d, x: torch.Tensor, params: dict, prefix: str, tasks: int) -> torch.Tensor:
+    weight, bias = params[prefix + "weight"], params.get(prefix + "bias")
+    if _shared(weight, conv.weight):  # one ordinary convolution over every task's images ([N, T*C] = [N*T, C])
+        n = x.shape[0]
+        out = F.conv2d(x.reshape(n * tasks, -1, *x.shape[2:]), weight, bias, conv.stride, conv.padding,
+                       conv.dilation)
+        return out.reshape(n, -1, *out.shape[2:])
+    return F.conv2d(x, weight.reshape(-1, *weight.shape[2:]), None if bias is None else bias.reshape(-1),
+                    conv.stride, conv.padding, conv.dilation, groups=tasks)
+
+
+def grouped_norm(norm: nn.Module, x: torch.Tensor, params: dict, prefix: str, tasks: int, step: int) -> torch.Tensor:
+    """Transductive batch norm (BatchNorm2d without running statistics, PerStepBatchNorm at inner step `step`) or
+    nn.Identity (model.bn=none), per task and channel."""
+    if isinstance(norm, nn.Identity):
+        return x
+    affine = {}
+    for name in ("weight", "bias"):
+        value, own = params.get(prefix + name), getattr(norm, name)
+        if value is None:
+            affine[name] = None
+            continue
+        shared = _shared(value, own)
+        if isinstance(norm, PerStepBatchNorm):  # weights [(T,) steps, C]: this step's row (of every task)
+            value = value[norm.index(step)] if shared else value[:, norm.index(step)]
+        affine[name] = value.repeat(tasks) if shared else value.reshape(-1)
+    return F.batch_norm(x, None, None, affine["weight"], affine["bias"], True, 0.0, norm.eps)
+
+
+def grouped_linear(x: torch.Tensor, params: dict, prefix: str) -> torch.Tensor:
+    """[T, N, F] -> [T, N, out] with each task's own weight [T, out, F] and bias [T, out] (or one shared
+    weight [out, F] and bias [out])."""
+    weight, bias = params[prefix + "weight"], params.get(prefix + "bias")
+    if weight.dim() == 2:
+        return F.linear(x, weight, bias)
+    out = torch.bmm(x, weight.transpose(1, 2))
+    return out if bias is None else out + bias.unsqueeze(1)
+
+
+def grouped_vector_layers(layers: nn.Sequential, x: torch.Tensor, params: dict, prefix: str) -> torch.Tensor:
+    """An MLP body (Linear and elementwise activations) on [T, N, F]."""
+    for index, layer in enumerate(layers):
+        x = grouped_linear(x, params, f"{prefix}{index}.") if isinstance(layer, nn.Linear) else layer(x)
+    return x
+
+
+class TaskGrouped:
+    """Task-grouped execution, for models that are `head(body(x))` with a linear head: the inner loop of a whole
+    meta-batch in one pass (algorithms/vectorized.py). A model supporting it defines `grouped_body`; `x` is the
+    meta-batch's inputs [T, N, ...], `params` maps every parameter name to its per-task copies [T, *shape] (or, for
+    parameters the inner loop does not change, the shared tensor itself), `step` is the inner step (MAML++'s
+    per-step batch norm). A model without these methods takes the vmap path."""
+
+    def grouped_reason(self) -> str | None:
+        """None if this model can run task-grouped now; else why not."""
+        return running_statistics_reason(self)
+
+    def grouped_body(self, x: torch.Tensor, params: dict, step: int = 0) -> torch.Tensor:
+        """The body's features per task: [T, N, features]."""
+        raise NotImplementedError
+
+    def grouped_head(self, features: torch.Tensor, params: dict) -> torch.Tensor:
+        """The head on per-task features [T, N, F] -> [T, N, out] (ANIL adapts only this)."""
+        return grouped_linear(features, params, "head.")
+
+    def grouped_forward(self, x: torch.Tensor, params: dict, step: int = 0) -> torch.Tensor:
+        """The model's output per task, [T, N, out]: task t's slice is `model(x[t])` with parameters `params[.][t]`."""
+        return self.grouped_head(self.grouped_body(x, params, step), params)
+
+
+class Conv4(TaskGrouped, nn.Module):
     """4 x [3x3 conv, `hidden` filters, batch norm, ReLU] + linear head.
 
     pooling="stride": stride-2 convolutions, spatial mean before the head (Finn et al.'s Omniglot network);
@@ -101,11 +205,12 @@ class Conv4(nn.Module):
         super().__init__()
         stride = 2 if pooling == "stride" else 1
         blocks, channels, size = [], in_channels, image_size
+        self._conv_indices = []  # where each block's convolution sits in `body` (its norm follows it)
         for _ in range(layers):
             if padding == "tf_same":
-                blocks += [TFSamePad2d(3, stride), nn.Conv2d(channels, hidden, 3, stride=stride)]
-            else:
-                blocks += [nn.Conv2d(channels, hidden, 3, stride=stride, padding=1)]
+                blocks.append(TFSamePad2d(3, stride))
+            self._conv_indices.append(len(blocks))
+            blocks.append(nn.Conv2d(channels, hidden, 3, stride=stride, padding=0 if padding == "tf_same" else 1))
             blocks += [batch_norm(hidden, bn, bn_scale, bn_eps),
                        nn.LeakyReLU() if activation == "leaky_relu" else nn.ReLU()]
             size = -(-size // stride)
@@ -133,6 +238,24 @@ class Conv4(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
 
+    def grouped_body(self, x: torch.Tensor, params: dict, step: int = 0) -> torch.Tensor:
+        tasks = x.shape[0]
+        x = images_to_grouped(x)
+        convs = set(self._conv_indices)
+        norms = {i + 1 for i in convs}  # the batch norm (or Identity, model.bn=none) after each convolution
+        for index, module in enumerate(self.body):
+            if index in convs:
+                x = grouped_conv2d(module, x, params, f"body.{index}.", tasks)
+            elif index in norms:  # MAML++ may have replaced it by a PerStepBatchNorm
+                x = grouped_norm(module, x, params, f"body.{index}.", tasks, step)
+            elif isinstance(module, nn.Flatten):  # pooling="max": the last module
+                return grouped_features(x, tasks)
+            elif isinstance(module, nn.AdaptiveAvgPool2d):  # pooling="stride": spatial mean, then Flatten
+                return grouped_features(x.mean((-2, -1)), tasks)
+            else:  # padding, activation, max-pooling: per channel
+                x = module(x)
+        raise AssertionError("Conv4's body ends in Flatten")
+
 
 def outer_loop_only(model: nn.Module) -> set[str]:
     """Names of parameters the inner loop must not adapt: batch-norm weights of a model built with bn_adapted=False
@@ -144,7 +267,7 @@ def outer_loop_only(model: nn.Module) -> set[str]:
             for p, _ in module.named_parameters(recurse=False)}
 
 
-class MLP(nn.Module):
+class MLP(TaskGrouped, nn.Module):
     """Sinusoid regressor 1-40-40-1 with ReLU (no normalisation)."""
 
     def __init__(self, out_features: int = 1, in_features: int = 1, hidden=(40, 40)):
@@ -158,6 +281,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
+
+    def grouped_body(self, x: torch.Tensor, params: dict, step: int = 0) -> torch.Tensor:
+        return grouped_vector_layers(self.body, x, params, "body.")
 
 
 def build_model(model_cfg, dataset_cfg) -> nn.Module:
@@ -186,7 +312,7 @@ def build_model(model_cfg, dataset_cfg) -> nn.Module:
     raise UserError(f"model={model_cfg.name!r} is not known; use conv4 or mlp")
 
 
-class _FlatMLP(nn.Module):
+class _FlatMLP(TaskGrouped, nn.Module):
     """MLP on flattened images, keeping the body/head split."""
 
     def __init__(self, mlp: MLP):
@@ -196,3 +322,11 @@ class _FlatMLP(nn.Module):
 
     def forward(self, x):
         return self.head(self.body(x))
+
+    def grouped_body(self, x: torch.Tensor, params: dict, step: int = 0) -> torch.Tensor:
+        # body[0] is the Flatten: [T, N, C, H, W] -> [T, N, C*H*W], then the MLP's layers from index 1
+        x = x.flatten(2)
+        for index, layer in enumerate(self.body):
+            if index:
+                x = grouped_linear(x, params, f"body.{index}.") if isinstance(layer, nn.Linear) else layer(x)
+        return x

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from .config import RESULT_KEYS
+from .config import result_fields
 from .io import atomic_write, atomic_write_text, read_csv
 
 log = logging.getLogger(__name__)
 
 REPORT, CURVES, ADAPTATION = "report.md", "curves.png", "adaptation.png"
-SUMMARY_KEYS = [*RESULT_KEYS, "train.val_interval", "eval.num_tasks", "eval.seed", "eval.checkpoint",
-                "hardware.device"]
+SUMMARY_KEYS = ["train.val_interval", "eval.num_tasks", "eval.seed", "eval.checkpoint", "hardware.device"]  # after
+# the keys results.csv records (config.result_fields)
 
 
 def save_figure(fig, path: str | Path) -> Path:
@@ -134,7 +134,8 @@ def write_report(cfg: DictConfig, run_dir: str | Path, row: dict | None = None, 
         row = read_csv(run_dir / "results.csv", typed=True)[0]
     lines = [f"# Run report: {_value(cfg, 'name')}", "", f"Run directory: `{run_dir}`", "", "## Configuration", "",
              "| key | value |", "|---|---|"]
-    lines += [f"| {key} | {_value(cfg, key)} |" for key in SUMMARY_KEYS if OmegaConf.select(cfg, key) is not None
+    lines += [f"| {key} | {_value(cfg, key)} |" for key in [*result_fields(cfg), *SUMMARY_KEYS]
+              if OmegaConf.select(cfg, key) is not None
               or key == "train.iterations"]
     overrides = run_dir / ".hydra" / "overrides.yaml"
     if overrides.is_file():
@@ -169,12 +170,14 @@ def write_report(cfg: DictConfig, run_dir: str | Path, row: dict | None = None, 
 
 
 def _adaptation_plot(cfg, run_dir: Path, row: dict, algorithm, n_plot: int) -> None:
+    from .checkpoint import load_algorithm
     from .data import build_sources
     from .train import build
 
     if algorithm is None:
         trainer = build(cfg, run_dir)
-        trainer._load_algorithm(trainer.checkpoint_dir / f"{row.get('checkpoint') or 'best'}.pt")
+        load_algorithm(trainer.algorithm, trainer.checkpoint_dir / f"{row.get('checkpoint') or 'best'}.pt",
+                       map_location=trainer.device)
         algorithm, source, device = trainer.algorithm, trainer.sources["test"], trainer.device
     else:
         source, device = build_sources(cfg.dataset)["test"], next(algorithm.parameters()).device

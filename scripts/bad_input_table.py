@@ -3,7 +3,8 @@
 
   .venv/bin/python scripts/bad_input_table.py > docs/bad_input.md
 
-Uses a tiny synthetic Omniglot (tests/omniglot_fixture.py) in a temporary directory; nothing touches the network.
+Uses a tiny synthetic Omniglot (maml_runner/data/synthetic_omniglot.py) in a temporary directory; nothing touches the
+network.
 The tests (tests/test_bad_input.py, tests/test_checkpoint.py, tests/test_run_lock.py) assert these messages; this
 script shows them.
 """
@@ -18,9 +19,9 @@ import time
 import zipfile
 from pathlib import Path
 
+from maml_runner.data.synthetic_omniglot import make_fake_omniglot
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-from omniglot_fixture import make_fake_omniglot  # noqa: E402
 
 TINY = ["train.iterations=4", "train.val_interval=2", "train.val_tasks=2", "train.meta_batch_size=2",
         "eval.num_tasks=2", "hardware=cpu", "hardware.threads=1"]
@@ -121,6 +122,10 @@ def main() -> int:
         ("zero iterations", ["train.iterations=0"]),
         ("negative learning rate", ["algorithm.inner_lr=-0.1"]),
         ("zero inner steps", ["algorithm.inner_steps=0"]),
+        ("required key removed", ["~train.iterations"]),
+        ("wrong type inside a list", ["dataset.amplitude=[0.1,high]"]),
+        ("algorithm key removed", ["~algorithm.inner_lr"]),
+        ("a key the algorithm does not have", ["+algorithm.inner_optimizer=adam"]),
         ("zero ways", [*good, "dataset.ways=0"]),
         ("negative shots", [*good, "dataset.shots=-1"]),
         ("ways > classes in a split", [*good, "dataset.ways=4"]),

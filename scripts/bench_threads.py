@@ -11,16 +11,13 @@ import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from omegaconf import OmegaConf
 
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from maml_runner.algorithms import build_algorithm  # noqa: E402
-from maml_runner.data.sinusoid import SinusoidTasks  # noqa: E402
-from maml_runner.models import MLP  # noqa: E402
+from maml_runner.algorithms import build_algorithm
+from maml_runner.data.sinusoid import SinusoidTasks
+from maml_runner.models import MLP
 
 
 def main() -> int:

@@ -1,12 +1,14 @@
 """hardware.vectorize=off vs on for one algorithm's train step, in one process, alternating, same meta-batches.
 
-`bench_speed.py` compares MAML/FOMAML with learn2learn's own loop; algorithms learn2learn has no loop for (MAML++)
-are compared here with their per-task loop (`off`, the reference) against the vectorized meta-batch (`on`). Both
+Every meta-learner's per-task loop (`off`, the reference) against its fast path (`on`: the meta-batch's inner loops
+at once, algorithms/vectorized.py): MAML, FOMAML, MAML++, ANIL, Meta-SGD, Reptile (SGD inner optimizer). Both
 start from the same weights and draw the same tasks (fast sampling in both: this times the inner loop only).
 Printed per case: s/iter (median), ratio, and the relative difference of the first meta-gradient (all
-meta-parameters, learned rates included); last lines `SPEEDUP <case> <ratio>`.
+meta-parameters, learned rates included; Reptile: its pseudo-gradient); last lines `SPEEDUP <case> <ratio>`.
+Inner steps: `--steps`, else 1 (Finn et al.'s 5-way) and Reptile's own `inner_steps` (conf/algorithm/reptile.yaml).
 
     .venv/bin/python scripts/bench_vectorize.py                        # MAML++ 5w1s, 20w1s, sinusoid; ~20 s
+    .venv/bin/python scripts/bench_vectorize.py --cases all_5w1s --threads 1   # every algorithm on 5w1s
     .venv/bin/python scripts/bench_vectorize.py --cases mamlpp_5w1s --steps 5 --meta-batch 8   # Antoniou's setting
     .venv/bin/python scripts/bench_vectorize.py --phase first          # derivative-order annealing's first phase
 """
@@ -20,21 +22,22 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from omegaconf import OmegaConf
+
+# bench_speed.py is this script's neighbour: Python puts the script's own directory first on sys.path.
+from bench_speed import DATASETS, omniglot_sources, relative_difference
+from maml_runner.algorithms import build_algorithm
+from maml_runner.data.fast_episodes import cached_episodes
+from maml_runner.data.sinusoid import SinusoidTasks
+from maml_runner.models import MLP, Conv4
+from maml_runner.paths import CONF_DIR
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from bench_speed import DATASETS, omniglot_sources, relative_difference  # noqa: E402
-from maml_runner.algorithms import build_algorithm  # noqa: E402
-from maml_runner.data.fast_episodes import cached_episodes  # noqa: E402
-from maml_runner.data.sinusoid import SinusoidTasks  # noqa: E402
-from maml_runner.models import MLP, Conv4  # noqa: E402
-
-ALGORITHMS = ("mamlpp", "maml", "fomaml")
+ALGORITHMS = ("mamlpp", "maml", "fomaml", "anil", "metasgd", "reptile")
 ALL_CASES = [f"{a}_{d}" for a in ALGORITHMS for d in DATASETS]
+GROUPS = {f"all_{d}": [f"{a}_{d}" for a in ALGORITHMS] for d in DATASETS}  # e.g. all_5w1s: every algorithm
 TOTAL_ITERATIONS = 100  # the schedules' length; `--phase` picks an iteration in it
 
 
@@ -46,8 +49,11 @@ def build(case, args, root, notes, vectorize):
         source, model = omniglot_sources(ways, shots, query, root, notes), Conv4(ways)
     else:
         source, model = SinusoidTasks(shots, query), MLP()
-    algorithm_cfg = OmegaConf.load(REPO / "conf" / "algorithm" / f"{algorithm_name}.yaml")
-    algorithm_cfg.update(dict(inner_lr=inner_lr, inner_steps=args.steps))
+    algorithm_cfg = OmegaConf.load(CONF_DIR / "algorithm" / f"{algorithm_name}.yaml")
+    if algorithm_name == "reptile":  # its own inner loop (5 SGD steps at 0.1 on support + query)
+        algorithm_cfg.update(dict(inner_steps=args.steps or algorithm_cfg.inner_steps))
+    else:
+        algorithm_cfg.update(dict(inner_lr=inner_lr, inner_steps=args.steps or 1))
     algorithm = build_algorithm(model, algorithm_cfg, source.task_type, TOTAL_ITERATIONS, vectorize=vectorize)
     return cached_episodes(source), algorithm
 
@@ -85,23 +91,27 @@ def run_case(case, args, root, notes) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=[c for c in ALL_CASES if c.startswith("mamlpp")],
-                        choices=ALL_CASES)
+                        choices=ALL_CASES + list(GROUPS), help="cases, or all_<dataset> for every algorithm")
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations per setting and case")
     parser.add_argument("--meta-batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=1, help="inner steps (Finn et al.: 1 for 5-way)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="inner steps (default: 1, Finn et al.'s 5-way; Reptile: its config's inner_steps)")
     parser.add_argument("--phase", default="second", choices=("first", "second"),
                         help="MAML++ derivative-order annealing: time its first-order or its second-order phase")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))
     args = parser.parse_args(argv)
+    args.cases = [case for name in args.cases for case in GROUPS.get(name, [name])]
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"CPU, {os.cpu_count()} cores | torch {torch.__version__} | threads {torch.get_num_threads()} | load "
-          f"average {load:.2f} | meta-batch {args.meta_batch}, {args.steps} inner step(s), {args.phase}-order "
-          f"phase, {args.iterations} timed iterations per setting (median)", flush=True)
+          f"average {load:.2f} | meta-batch {args.meta_batch}, {args.steps or 'default'} inner step(s), "
+          f"{args.phase}-order phase, {args.iterations} timed iterations per setting (median)", flush=True)
     notes: list = []
     ratios = {case: run_case(case, args, Path(args.root), notes) for case in args.cases}
+    for note in notes:  # e.g. no Omniglot under --root: synthetic images
+        print(note)
     for case, ratio in ratios.items():
         print(f"SPEEDUP {case} {ratio:.2f}")
     return 0

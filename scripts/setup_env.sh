@@ -38,7 +38,7 @@ if ! "$VENV/bin/python" -c "import learn2learn" 2>/dev/null; then
   rm -rf "$build"
 fi
 
-$PIP install -q -e ".[dev,sweeps]"
-"$VENV/bin/python" -c "import maml_runner, learn2learn, torch, hydra; from learn2learn.data import MetaDataset, TaskDataset"
+$PIP install -q -e ".[dev,sweeps,optuna]"
+"$VENV/bin/python" -c "import maml_runner, learn2learn, torch, hydra, optuna; from learn2learn.data import MetaDataset, TaskDataset"
 echo "$want" > "$VENV/.setup-stamp"
 echo "setup: .venv ready (torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))"

@@ -7,6 +7,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+import maml_runner  # noqa: F401 - registers the config schemas (maml_runner/schema.py) that conf/ names
+
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = str(REPO / "conf")
 

@@ -12,7 +12,12 @@ from maml_runner.aggregate import aggregate
 from maml_runner.errors import UserError
 from maml_runner.io import read_csv, write_csv
 from maml_runner.stats import paired_comparison
-from maml_runner.train import RESULT_COLUMNS
+from maml_runner.config import RESULT_LEADING_KEYS, RESULT_TRAILING_KEYS
+from maml_runner.train import RESULT_METRIC_COLUMNS
+
+# results.csv of a maml run (config.result_fields for algorithm=maml)
+RESULT_COLUMNS = [*RESULT_LEADING_KEYS, "algorithm.inner_steps", "algorithm.inner_lr", "algorithm.outer_lr",
+                  "algorithm.first_order", "algorithm.loss_reduction", *RESULT_TRAILING_KEYS, *RESULT_METRIC_COLUMNS]
 
 
 def fake_run(run_dir, overrides: dict, per_task_acc, algorithm="maml", inner_steps=1, eval_seed=1234):

@@ -9,14 +9,17 @@ import torch
 from omegaconf import OmegaConf
 
 from maml_runner.algorithms import vectorized
+from maml_runner.algorithms.anil import ANIL
 from maml_runner.algorithms.fomaml import FOMAML
 from maml_runner.algorithms.maml import MAML
 from maml_runner.algorithms.mamlpp import MAMLPlusPlus
+from maml_runner.algorithms.metasgd import MetaSGD
+from maml_runner.algorithms.reptile import Reptile
 from maml_runner.data.base import TaskBatch
 from maml_runner.data.fast_episodes import CachedEpisodes, cached_episodes
 from maml_runner.data.omniglot import OmniglotTasks, build_omniglot
 from maml_runner.data.sinusoid import SinusoidTasks
-from maml_runner.models import MLP, Conv4
+from maml_runner.models import MLP, Conv4, build_model
 from omniglot_fixture import make_fake_omniglot
 
 
@@ -198,3 +201,145 @@ def test_vectorize_setting():
     running = Conv4(5, hidden=4, bn="running")  # running statistics are updated in place: never under vmap
     assert not vectorized.use_vectorized("on", running, images)
     assert "running statistics" in vectorized.supports_vectorization(running)
+
+
+# ---- Meta-SGD, ANIL, Reptile: their fast paths against their own per-task loops ------------------------------------
+def _double(tasks: TaskBatch) -> TaskBatch:
+    return TaskBatch(tasks.support_x.double(), tasks.support_y, tasks.query_x.double(), tasks.query_y)
+
+
+def _train_step(cls, model, tasks, task_type, vectorize, iteration=0, **cfg):
+    """One train step of `cls` (outer step size 0: parameters stay): stats and the gradient of every
+    meta-parameter by name (Meta-SGD's learned rates included; Reptile's .grad is its pseudo-gradient)."""
+    cfg = OmegaConf.create({"name": cls.name, "outer_lr": 0.0, "meta_step_size": 0.0, "first_order": False, **cfg})
+    algorithm = cls(model, cfg, task_type, 10)
+    algorithm.vectorize = vectorize
+    algorithm.build_optimizer()
+    assert algorithm.vectorized_for(tasks) == (vectorize == "on")  # hardware.vectorize=off: the per-task loop
+    stats = algorithm.train_step(tasks, iteration)
+    assert stats["finite"] == 1.0
+    return stats, {n: p.grad.clone() for n, p in algorithm.named_parameters() if p.grad is not None}
+
+
+def _assert_same_step(cls, make_model, tasks, task_type, **cfg):
+    torch.manual_seed(0)
+    model = make_model()
+    ref_stats, reference = _train_step(cls, model, tasks, task_type, "off", **cfg)
+    fast_stats, fast = _train_step(cls, model, tasks, task_type, "on", **cfg)
+    assert reference.keys() == fast.keys() and len(fast) > 0
+    assert _relative(list(reference.values()), list(fast.values())) < 1e-10  # float64: same up to rounding
+    for name in reference:  # (atol: conv biases before batch norm have a zero gradient, up to rounding)
+        assert torch.allclose(fast[name], reference[name], rtol=1e-8, atol=1e-13), name
+    assert fast_stats["loss"] == pytest.approx(ref_stats["loss"], rel=1e-10)
+    if task_type == "classification":
+        assert fast_stats["acc"] == pytest.approx(ref_stats["acc"])
+    return reference
+
+
+@pytest.mark.parametrize("cls,first_order,steps", [(MetaSGD, False, 1), (MetaSGD, False, 2), (MetaSGD, True, 2),
+                                                   (ANIL, False, 1), (ANIL, False, 3), (ANIL, True, 2)])
+@pytest.mark.parametrize("images_per_chunk", [10_000, 12])  # 4 tasks of 6 images: 1 and 2 chunks
+def test_metasgd_and_anil_fast_path_equal_per_task_loop_conv4(omniglot, cls, first_order, steps, images_per_chunk,
+                                                              monkeypatch):
+    monkeypatch.setattr(vectorized, "CPU_IMAGES_PER_CHUNK", images_per_chunk)
+    random.seed(3)
+    tasks = _double(cached_episodes(omniglot["train"]).sample_batch(4))
+    reference = _assert_same_step(cls, lambda: Conv4(3, hidden=8).double(), tasks, "classification",
+                                  inner_lr=0.4, inner_steps=steps, first_order=first_order)
+    if cls is MetaSGD:  # the learned per-parameter rates get their meta-gradient on the fast path too
+        assert sum(n.startswith("meta_sgd.lrs.") for n in reference) == len(list(Conv4(3, hidden=8).parameters()))
+    else:  # ANIL: the body is learned in the outer loop, through the features the head was adapted on
+        assert reference["model.body.0.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("steps,images_per_chunk", [(1, 10_000), (3, 10_000), (3, 18)])
+def test_reptile_fast_path_equals_per_task_loop_conv4(omniglot, steps, images_per_chunk, monkeypatch):
+    monkeypatch.setattr(vectorized, "CPU_IMAGES_PER_CHUNK", images_per_chunk)
+    random.seed(8)
+    tasks = _double(cached_episodes(omniglot["train"]).sample_batch(4))
+    reference = _assert_same_step(Reptile, lambda: Conv4(3, hidden=8).double(), tasks, "classification",
+                                  inner_lr=0.1, inner_steps=steps)
+    assert all(g.abs().sum() > 0 for n, g in reference.items() if n.endswith("weight"))  # theta moved
+    # Adam and a persistent inner optimizer keep the per-task loop (persistent state is sequential across tasks).
+    for optimizer, state in (("adam", "fresh"), ("adam", "persistent"), ("sgd", "persistent")):
+        cfg = OmegaConf.create(dict(name="reptile", inner_lr=0.1, inner_steps=2, meta_step_size=0.0,
+                                    inner_optimizer=optimizer, inner_optimizer_state=state))
+        kept = Reptile(Conv4(3, hidden=8).double(), cfg, "classification", 10)
+        kept.vectorize = "on"
+        assert not kept.vectorized_for(tasks), (optimizer, state)
+
+
+@pytest.mark.parametrize("cls", [MAML, MetaSGD, ANIL, Reptile, MAMLPlusPlus])
+def test_fast_path_on_three_channel_max_pool_network(cls):
+    """miniImageNet's network (3 input channels, max-pooling, flattened features) on small RGB images."""
+    g = torch.Generator().manual_seed(2)
+    ways, tasks_count = 3, 3
+    tasks = TaskBatch(torch.rand(tasks_count, ways, 3, 20, 20, generator=g, dtype=torch.float64),
+                      torch.arange(ways).repeat(tasks_count, 1),
+                      torch.rand(tasks_count, 2 * ways, 3, 20, 20, generator=g, dtype=torch.float64),
+                      torch.arange(ways).repeat(2).repeat(tasks_count, 1))
+    make = lambda: Conv4(ways, in_channels=3, hidden=4, image_size=20, pooling="max").double()  # noqa: E731
+    assert make().head.in_features == 4 * 1 * 1  # 20 -> 10 -> 5 -> 2 -> 1
+    _assert_same_step(cls, make, tasks, "classification", inner_lr=0.3, inner_steps=2)
+
+
+@pytest.mark.parametrize("cls", [MetaSGD, ANIL, Reptile])
+def test_fast_path_equals_per_task_loop_sinusoid(cls):
+    random.seed(5)
+    tasks = SinusoidTasks(5, 10).sample_batch(6)
+    tasks = TaskBatch(tasks.support_x.double(), tasks.support_y.double(), tasks.query_x.double(),
+                      tasks.query_y.double())
+    _assert_same_step(cls, lambda: MLP().double(), tasks, "regression", inner_lr=0.01, inner_steps=2)
+
+
+class _NoGroupedForward(torch.nn.Module):
+    """A model without a task-grouped forward (not a models.TaskGrouped): the vmap path runs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh())
+        self.head = torch.nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_metasgd_per_parameter_rates_under_vmap():
+    random.seed(6)
+    tasks = SinusoidTasks(5, 10).sample_batch(4)
+    tasks = TaskBatch(*(t.double() for t in (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)))
+    assert vectorized.grouped_model_reason(_NoGroupedForward()) is not None
+    _assert_same_step(MetaSGD, lambda: _NoGroupedForward().double(), tasks, "regression", inner_lr=0.05,
+                      inner_steps=2)
+    # ANIL and Reptile need the grouped forward: the per-task loop runs such a model.
+    for cls in (ANIL, Reptile):
+        algorithm = cls(_NoGroupedForward(), OmegaConf.create(dict(name=cls.name, inner_lr=0.1, inner_steps=2,
+                                                                   outer_lr=0.0, meta_step_size=0.0)),
+                        "regression", 10)
+        algorithm.vectorize = "on"
+        assert not algorithm.vectorized_for(tasks)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: Conv4(4, hidden=5), (1, 28, 28)),
+    (lambda: Conv4(4, hidden=5, padding="tf_same", bn_scale=False, bn_eps=1e-3), (1, 28, 28)),
+    (lambda: Conv4(4, hidden=5, bn="none", activation="leaky_relu"), (1, 28, 28)),
+    (lambda: Conv4(4, in_channels=3, hidden=5, image_size=20, pooling="max"), (3, 20, 20)),  # miniImageNet's kind
+    (lambda: MLP(hidden=(7, 6)), (1,)),
+    (lambda: build_model(OmegaConf.create(dict(name="mlp", hidden=[6])),
+                         OmegaConf.create(dict(kind="omniglot", ways=4, image_size=8))), (1, 8, 8)),  # _FlatMLP
+])
+def test_model_grouped_forward_is_each_tasks_own_forward(make, shape):
+    """models.TaskGrouped: task t's slice of `grouped_forward` is `model(x[t])` with task t's parameters, whether
+    the parameters are per-task copies or shared (ANIL's body)."""
+    torch.manual_seed(0)
+    model = make().double()
+    tasks, n = 3, 6
+    x = torch.rand(tasks, n, *shape, dtype=torch.float64)
+    per_task = {name: torch.stack([p + 0.05 * t for t in range(tasks)]) for name, p in model.named_parameters()}
+    grouped = model.grouped_forward(x, per_task)
+    for t in range(tasks):
+        own = {name: p[t] for name, p in per_task.items()}
+        assert torch.allclose(grouped[t], torch.func.functional_call(model, own, (x[t],)), rtol=1e-12, atol=1e-12)
+    shared = model.grouped_body(x, dict(model.named_parameters()))
+    assert torch.allclose(shared, torch.stack([model.body(x[t]) for t in range(tasks)]), rtol=1e-12, atol=1e-12)

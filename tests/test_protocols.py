@@ -180,6 +180,56 @@ def test_binary_nearest_images_are_binary_and_lanczos_ones_are_not(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # one cache per resize mode
 
 
+@pytest.mark.parametrize("experiment", ["nichol2018_reptile_5w1s", "antoniou2019_mamlpp_5w1s"])
+def test_ink_zero_keeps_the_pngs_polarity_as_reptile_and_mamlpp_load_them(tmp_path, experiment):
+    ink0 = _fixture_sources(experiment, tmp_path)  # the preset: dataset.ink=0
+    ink1 = _fixture_sources(experiment, tmp_path, "dataset.ink=1")
+    for split in ("train", "test"):
+        dark, bright = ink0[split].images.images, ink1[split].images.images
+        assert torch.equal(dark, 1 - bright)
+        assert set(dark.unique().tolist()) == {0.0, 1.0} and dark.mean() > 0.5  # binary; background 1, ink 0
+    random.seed(3)
+    task = cached_episodes(ink0["train"]).sample_batch(2)  # the fast sampler serves the same images
+    assert task.support_x.mean() > 0.5
+
+
+@pytest.mark.parametrize("value,shown", [(2, "2"), ("white", "'white'"), (True, "true")])
+def test_bad_ink_is_one_line_error(tmp_path, value, shown):
+    dataset = OmegaConf.create(OmegaConf.to_container(compose_config(["dataset=omniglot_5w1s"]).dataset))
+    dataset.ink = value  # untyped: the loader's own check (the composed config's schema refuses these earlier)
+    with pytest.raises(UserError) as error:
+        build_omniglot(dataset)
+    assert str(error.value) == (f"dataset.ink={shown} is invalid: expected 1 (ink 1 on a background of 0, "
+                                f"cbfinn/maml) or 0 (ink 0 on a background of 1, supervised-reptile and MAML++)")
+
+
+def test_rotations_as_classes_makes_each_training_rotation_a_class(tmp_path):
+    plain = _fixture_sources("nichol2018_reptile_5w1s", tmp_path, "dataset.rotations_as_classes=false")
+    sources = _fixture_sources("nichol2018_reptile_5w1s", tmp_path)  # the preset: true
+    train, before = sources["train"], plain["train"]
+    assert train.num_classes == 4 * before.num_classes and train.quarter_turns == [0]
+    assert train.num_pooled_classes == before.num_pooled_classes  # the pretrain baseline's classes are unchanged
+    images, labels = train.images.images, torch.tensor(train.images.labels)
+    drawing = before.images.images[0]
+    character = before.images.labels[0]
+    for i in range(4):  # class character*4 + i holds the drawings turned i quarter turns
+        turned = images[labels == character * 4 + i]
+        assert turned.shape[0] == 20 and any(torch.equal(x, torch.rot90(drawing, i, dims=(-2, -1))) for x in turned)
+    assert sources["test"].num_classes == plain["test"].num_classes  # test classes are characters, unrotated
+    random.seed(0)
+    tasks = cached_episodes(train).sample_batch(4)  # the fast sampler draws from the enlarged class set
+    assert tasks.support_x.shape == (4, 3, 1, 28, 28)
+
+
+def test_bad_rotations_as_classes_is_one_line_error(tmp_path):
+    root = make_fake_omniglot(tmp_path / "data")
+    dataset = OmegaConf.create(OmegaConf.to_container(compose_config(
+        ["experiment=nichol2018_reptile_5w1s", f"dataset.root={root}", f"dataset.cache_dir={tmp_path}"]).dataset))
+    dataset.rotations_as_classes = "maybe"  # untyped: the loader's own check (the schema refuses it earlier)
+    with pytest.raises(UserError, match=r"^dataset.rotations_as_classes='maybe' is invalid: expected true or false$"):
+        build_omniglot(dataset)
+
+
 # ---- presets -------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("setting", ["5w1s", "5w5s", "20w1s", "20w5s"])
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml"])
@@ -198,7 +248,7 @@ def test_finn2017_presets_compose_to_the_released_code(algorithm, setting):
 
 def test_generic_presets_keep_the_runner_defaults():
     cfg = compose_config(["dataset=omniglot_5w1s"])
-    assert cfg.algorithm.loss_reduction == "mean" and cfg.dataset.image_resize == "lanczos"
+    assert cfg.algorithm.loss_reduction == "mean" and cfg.dataset.image_resize == "lanczos" and cfg.dataset.ink == 1
     assert (cfg.model.bn_scale, cfg.model.bn_adapted, cfg.model.padding, cfg.model.init) == \
         (True, True, "symmetric", "pytorch")
     assert cfg.eval.checkpoint == "best"
@@ -238,11 +288,13 @@ def test_faithful_preset_trains_end_to_end_on_the_fixture(tmp_path):
 
 
 # ---- Reptile's inner optimizer ------------------------------------------------------------------------------------------
-def _reptile(state: str, eval_optimizer: str = "sgd"):
+def _reptile(state: str, eval_optimizer: str = "sgd", optimizer: str = "adam", inner_batch_size=None,
+             eval_inner_batch_size=None):
     cfg = OmegaConf.create(dict(name="reptile", inner_lr=0.001, inner_steps=3, outer_lr=0.001, first_order=True,
-                                inner_optimizer="adam", inner_betas=[0.0, 0.999], meta_step_size=1.0,
+                                inner_optimizer=optimizer, inner_betas=[0.0, 0.999], meta_step_size=1.0,
                                 eval_inner_lr=None, loss_reduction="mean", inner_optimizer_state=state,
-                                eval_optimizer=eval_optimizer))
+                                eval_optimizer=eval_optimizer, inner_batch_size=inner_batch_size,
+                                eval_inner_batch_size=eval_inner_batch_size))
     torch.manual_seed(0)
     return build_algorithm(Conv4(5, hidden=4).double(), cfg, "classification", 10, train_source=_Source(1))
 
@@ -288,11 +340,58 @@ def test_reptile_evaluation_with_the_inner_adam_starts_from_its_state_and_restor
     assert restored.evaluate_task(tasks[1], 5)[0] == pytest.approx(loss, rel=1e-12)
 
 
-def _fixture_sources(experiment: str, tmp_path):
+@pytest.mark.parametrize("examples,size,steps", [(50, 10, 5), (5, 10, 3), (20, 10, 5)])
+def test_reptile_mini_batches_are_reshuffled_passes_as_supervised_reptile(examples, size, steps):
+    algorithm = _reptile("fresh", inner_batch_size=size)
+    torch.manual_seed(1)
+    batches = algorithm.mini_batches(examples, steps, training=True)
+    assert [len(b) for b in batches] == [size] * steps
+    order = torch.cat(batches).tolist()
+    for start in range(0, len(order), examples):  # every full pass is a permutation of all the examples
+        chunk = order[start:start + examples]
+        assert len(set(chunk)) == len(chunk) and (len(chunk) < examples or sorted(chunk) == list(range(examples)))
+    torch.manual_seed(1)
+    assert all(torch.equal(a, b) for a, b in zip(batches, algorithm.mini_batches(examples, steps, True)))
+    assert algorithm.mini_batches(examples, steps, training=False) is None  # eval_inner_batch_size=null: full batch
+
+
+def test_reptile_inner_steps_train_on_their_mini_batch_only():
+    algorithm = _reptile("fresh", optimizer="sgd", inner_batch_size=4)
+    algorithm.cfg.inner_lr = 0.5
+    task = _tasks(1, 5, 1, 1)[0]  # 10 examples (support + query)
+    torch.manual_seed(2)
+    learner = algorithm.adapt(task, 1, iteration=0)
+    torch.manual_seed(2)
+    rows = algorithm.mini_batches(10, 1, training=True)[0]
+    x, y = torch.cat([task.support_x, task.query_x])[rows], torch.cat([task.support_y, task.query_y])[rows]
+    manual = copy.deepcopy(algorithm.model)
+    F.cross_entropy(manual(x), y).backward()
+    for adapted, p in zip(learner.parameters(), manual.parameters()):
+        assert torch.allclose(adapted, p - 0.5 * p.grad, rtol=0, atol=1e-12)
+
+
+def test_reptile_evaluation_mini_batches_repeat_exactly():
+    tasks = _tasks(2, 5, 2, 1)
+    batched = _reptile("fresh", eval_inner_batch_size=3)
+    full = _reptile("fresh")
+    first = [batched.evaluate_task(t, 5) for t in tasks]
+    torch.manual_seed(123)  # the global RNG does not enter evaluation: re-testing a checkpoint gives the same numbers
+    assert [batched.evaluate_task(t, 5) for t in tasks] == first
+    assert [full.evaluate_task(t, 5) for t in tasks] != first
+
+
+def test_nichol2018_presets_set_the_released_mini_batches():
+    for setting, (inner, evaluation) in {"5w1s": (10, 5), "20w1s": (20, 10)}.items():
+        cfg = compose_config([f"experiment=nichol2018_reptile_{setting}"])
+        validate(cfg)
+        assert (cfg.algorithm.inner_batch_size, cfg.algorithm.eval_inner_batch_size) == (inner, evaluation)
+
+
+def _fixture_sources(experiment: str, tmp_path, *overrides):
     """A preset's episode sources on a tiny generated Omniglot (3-way, 6/3/3 characters)."""
     root = make_fake_omniglot(tmp_path / "data")
     cfg = compose_config([f"experiment={experiment}", f"dataset.root={root}", "dataset.ways=3",
-                          "dataset.split=[6,3,3]", f"dataset.cache_dir={tmp_path}"])
+                          "dataset.split=[6,3,3]", f"dataset.cache_dir={tmp_path}", *overrides])
     return build_omniglot(cfg.dataset)
 
 

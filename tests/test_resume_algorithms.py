@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import compose_config
-from maml_runner.algorithms import REGISTRY
+from maml_runner.algorithms import available_algorithms
 from maml_runner.checkpoint import load_checkpoint
 from maml_runner.io import read_csv
 from maml_runner.train import StopRequested, build, run
@@ -30,7 +30,7 @@ def stop_at(monkeypatch, iteration: int) -> None:
 
         def train_step(batch, i):
             if i + 1 == iteration:
-                trainer._stop_signal = signal.SIGTERM
+                trainer.signals.received = signal.SIGTERM
             return step(batch, i)
 
         trainer.algorithm.train_step = train_step
@@ -39,7 +39,7 @@ def stop_at(monkeypatch, iteration: int) -> None:
     monkeypatch.setattr("maml_runner.train.build", stopping_build)
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", available_algorithms())
 def test_stop_and_resume_matches_one_go(name, tmp_path, monkeypatch):
     cfg = compose_config([f"algorithm={name}", *COMMON])
     run(cfg, tmp_path / "one_go")

@@ -36,6 +36,7 @@ def test_a_sweep_returns_each_jobs_best_validation_loss_not_its_test_mean(tmp_pa
     assert records[0]["value"] != records[1]["value"]  # two seeds, two trainings
 
 
-def test_sweep_objective_is_nan_without_a_finite_validation():
+def test_sweep_objective_is_inf_without_a_finite_validation():
     assert sweep_objective({"mean": 0.5, "best_val_loss": 0.25}) == 0.25
-    assert math.isnan(sweep_objective({"mean": 0.5, "best_val_loss": None}))
+    assert sweep_objective({"mean": 0.5, "best_val_loss": None}) == math.inf  # ranks last when minimizing
+    assert sweep_objective({"mean": 0.5, "best_val_loss": math.nan}) == math.inf

@@ -11,7 +11,7 @@ from conftest import compose_config
 from maml_runner.checkpoint import load_checkpoint
 from maml_runner.io import read_csv
 from maml_runner.evaluate import evaluate, mean_ci95
-from maml_runner.train import METRICS_COLUMNS, RESULT_COLUMNS, best_validation, build, run
+from maml_runner.train import METRICS_COLUMNS, best_validation, build, result_columns, run
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_metrics_csv_has_one_row_per_validation(tiny_run):
 def test_results_csv_schema_and_values(tiny_run):
     cfg, run_dir, row = tiny_run
     rows = read_csv(run_dir / "results.csv")
-    assert len(rows) == 1 and list(rows[0].keys()) == RESULT_COLUMNS
+    assert len(rows) == 1 and list(rows[0].keys()) == result_columns(cfg)
     result = rows[0]
     assert result["algorithm.name"] == "maml" and result["dataset.name"] == "sinusoid"
     assert result["metric"] == "mse" and int(result["n_tasks"]) == 16
@@ -81,7 +81,7 @@ def test_best_checkpoint_is_the_lowest_validation_loss_and_last_is_final(tiny_ru
 def test_test_tasks_are_fixed_by_eval_seed(tiny_run, tmp_path):
     cfg, run_dir, row = tiny_run
     trainer = build(cfg, tmp_path)
-    trainer.iteration = 40
+    trainer.state.iteration = 40
     (tmp_path / "checkpoints").mkdir()
     import shutil
     shutil.copy(run_dir / "checkpoints/best.pt", tmp_path / "checkpoints/best.pt")
@@ -112,7 +112,7 @@ def test_maml_beats_an_untrained_model_with_the_same_budget(tmp_path):
 def test_peak_memory_is_per_run_not_per_process(tmp_path):
     """Sweep jobs run in one process: a big earlier job must not show up as the next job's peak."""
     import os
-    from maml_runner.train import peak_memory_mb, reset_peak_memory
+    from maml_runner.hardware import peak_memory_mb, reset_peak_memory
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("no /proc/self/clear_refs: peak memory falls back to the process-wide ru_maxrss")
     block = bytearray(600 * 2**20)  # touched: counts in the resident set

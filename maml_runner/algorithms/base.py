@@ -2,7 +2,9 @@
 
 An algorithm owns its meta-parameters (the model plus anything learned alongside it, e.g. inner learning
 rates) and its outer optimizer. The trainer only calls `train_step`, `evaluate_task` and the checkpoint hooks,
-so adding an algorithm means one module here plus one `conf/algorithm/<name>.yaml`.
+so adding an algorithm means one module (anywhere importable) plus one `conf/algorithm/<name>.yaml` that names its
+class with `_target_`. The class's `Config` dataclass lists the keys that YAML holds, with their types and allowed
+values (maml_runner/schema.py); config.validate checks the YAML's section against it right after composition.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch import nn
 
 from ..data.base import Task, TaskBatch
 from ..config import LOSS_REDUCTIONS
+from ..schema import AlgorithmConfig
 from ..errors import UserError
 from ..models import outer_loop_only
 
@@ -38,6 +41,7 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
 class MetaAlgorithm(nn.Module, ABC):
     """Meta-parameters + outer optimizer + how to adapt to one task."""
 
+    Config = AlgorithmConfig  # the keys of its conf/algorithm/<name>.yaml; subclasses extend it
     name: str = "base"
     # Whether the algorithm keeps model.bn_adapted=false's batch-norm parameters out of its inner loop.
     honours_outer_loop_only = False
@@ -162,9 +166,11 @@ class MetaAlgorithm(nn.Module, ABC):
             return self.report_loss_fn(predictions, task.query_y).item(), self.metric(predictions, task.query_y)
 
     def fine_tune(self, model: nn.Module, task: Task, steps: int, lr: float, optimizer: str = "sgd",
-                  betas=(0.9, 0.999), data=None, state: dict | None = None, on_done=None) -> nn.Module:
-        """A copy of `model` trained for `steps` full-batch steps on the support set (or `data`). `state`: an
-        optimizer state_dict to start from (a copy is loaded); `on_done(optimizer)` is called after the steps."""
+                  betas=(0.9, 0.999), data=None, state: dict | None = None, on_done=None,
+                  batches: list[torch.Tensor] | None = None) -> nn.Module:
+        """A copy of `model` trained for `steps` steps on the support set (or `data`): full-batch, or on the rows
+        `batches[step]` (mini-batches). `state`: an optimizer state_dict to start from (a copy is loaded);
+        `on_done(optimizer)` is called after the steps."""
         learner = copy.deepcopy(model)
         x, y = data if data is not None else (task.support_x, task.support_y)
         if optimizer == "adam":
@@ -174,9 +180,12 @@ class MetaAlgorithm(nn.Module, ABC):
         if state is not None:
             opt.load_state_dict(copy.deepcopy(state))
         with torch.enable_grad():
-            for _ in range(steps):
+            for step in range(steps):
                 opt.zero_grad(set_to_none=True)
-                self.loss_fn(learner(x), y).backward()
+                if batches is None:
+                    self.loss_fn(learner(x), y).backward()
+                else:
+                    self.loss_fn(learner(x[batches[step]]), y[batches[step]]).backward()
                 opt.step()
         if on_done is not None:
             on_done(opt)

@@ -5,16 +5,27 @@ same meta-objective and meta-gradient, one pass over the batch instead of one le
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import learn2learn as l2l
 import torch
 
 from ..data.base import Task, TaskBatch
 from ..models import outer_loop_only
+from ..schema import BOOL, POSITIVE_FLOAT, POSITIVE_INT, AlgorithmConfig, required
 from .base import MetaAlgorithm
+from .inner_update import inner_update, set_parameters
 from .vectorized import adapt_and_query, train_step_in_chunks, use_vectorized
 
 
 class MAML(MetaAlgorithm):
+    @dataclass
+    class Config(AlgorithmConfig):
+        inner_steps: int = required(POSITIVE_INT)
+        inner_lr: float = required(POSITIVE_FLOAT)
+        outer_lr: float = required(POSITIVE_FLOAT)
+        first_order: bool = required(BOOL)
+
     name = "maml"
     honours_outer_loop_only = True
     vectorize = "auto"  # hardware.vectorize (set by build_algorithm)
@@ -27,7 +38,6 @@ class MAML(MetaAlgorithm):
         # model.bn_adapted=false: batch-norm parameters get outer-loop gradients only (Finn's code).
         frozen = outer_loop_only(model)
         self.adapted = [name for name, _ in model.named_parameters() if name not in frozen]
-        self.adapted_mask = [name not in frozen for name, _ in model.named_parameters()]
 
     def use_first_order(self, iteration: int | None) -> bool:
         return iteration is None or self.first_order
@@ -37,14 +47,11 @@ class MAML(MetaAlgorithm):
         learner = self.maml.clone(first_order=first_order)
         for _ in range(steps):
             loss = self.loss_fn(learner(task.support_x), task.support_y)
-            if all(self.adapted_mask):
-                learner.adapt(loss)
-                continue
-            # learn2learn's adapt updates every parameter; the outer-loop-only ones get no update here.
-            params = [p for p, keep in zip(learner.module.parameters(), self.adapted_mask) if keep]
-            grads = iter(torch.autograd.grad(loss, params, retain_graph=not first_order, create_graph=not first_order))
-            learner.module = l2l.algorithms.maml.maml_update(
-                learner.module, learner.lr, [next(grads) if keep else None for keep in self.adapted_mask])
+            params = dict(learner.module.named_parameters())
+            # model.bn_adapted=false: the outer-loop-only parameters get no gradient and no update here.
+            grads = torch.autograd.grad(loss, [params[name] for name in self.adapted], retain_graph=not first_order,
+                                        create_graph=not first_order)
+            set_parameters(learner.module, inner_update(params, dict(zip(self.adapted, grads)), self.maml.lr))
         return learner
 
     def vectorized_for(self, tasks) -> bool:

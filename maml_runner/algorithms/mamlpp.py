@@ -18,17 +18,36 @@ norm. With `model.bn=running`, evaluation uses the per-step running statistics; 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from ..data.base import Task, TaskBatch
 from ..models import PerStepBatchNorm, outer_loop_only, per_step_batch_norms
+from ..schema import (BOOL, FRACTION, OPTIONAL_POSITIVE_FLOAT, OPTIONAL_POSITIVE_INT, POSITIVE_FLOAT, required)
 from .base import MetaAlgorithm
+from .inner_update import Rate, inner_update, per_step_rates
+from .maml import MAML
 from .vectorized import adapt_and_query_grouped, grouped_model_reason, train_step_in_chunks, use_vectorized
 
 
 class MAMLPlusPlus(MetaAlgorithm):
+    @dataclass
+    class Config(MAML.Config):
+        rate_outer_lr: Optional[float] = required(OPTIONAL_POSITIVE_FLOAT)
+        min_outer_lr: float = required(POSITIVE_FLOAT)
+        multi_step_loss: bool = required(BOOL)
+        msl_fraction: float = required(FRACTION)
+        derivative_order_annealing: bool = required(BOOL)
+        first_order_fraction: float = required(FRACTION)
+        learned_step_rates: bool = required(BOOL)
+        per_step_bn: bool = required(BOOL)
+        bn_steps: Optional[int] = required(OPTIONAL_POSITIVE_INT)
+        cosine_annealing: bool = required(BOOL)
+
     name = "mamlpp"
     honours_outer_loop_only = True
     vectorize = "auto"  # hardware.vectorize (set by build_algorithm)
@@ -85,9 +104,10 @@ class MAMLPlusPlus(MetaAlgorithm):
         return [non_final] * (k - 1) + [final]
 
     # ---- inner loop --------------------------------------------------------------------------------------
-    def inner_lr(self, name: str, step: int):
+    def inner_rate(self) -> Rate:
+        """The inner step size: learned per layer and step (LSLR), else `algorithm.inner_lr`."""
         if self.learned_step_rates:
-            return self.step_rates[self._key(name)][min(step, self.train_steps - 1)]
+            return per_step_rates(self.step_rates, self._key)
         return float(self.cfg.inner_lr)
 
     def forward_at(self, params: dict, x: torch.Tensor, step: int) -> torch.Tensor:
@@ -100,11 +120,12 @@ class MAMLPlusPlus(MetaAlgorithm):
         second_order = not self.first_order_at(iteration)
         named = dict(self.model.named_parameters())
         params = {n: named[n] for n in self.adapted}
+        rate = self.inner_rate()
         per_step = []
         for step in range(steps):
             loss = self.loss_fn(self.forward_at(params, task.support_x, step), task.support_y)
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=second_order)
-            params = {n: p - self.inner_lr(n, step) * g for (n, p), g in zip(params.items(), grads)}
+            params = inner_update(params, dict(zip(params, grads)), rate, step)
             if query_each_step:
                 per_step.append(self.forward_at(params, task.query_x, step))
         return params, per_step
@@ -132,7 +153,7 @@ class MAMLPlusPlus(MetaAlgorithm):
             return super().train_step(tasks, iteration)
         weights = self.step_weights(iteration)
         return train_step_in_chunks(self, tasks, iteration, lambda chunk: adapt_and_query_grouped(
-            self.model, chunk, self.inner_lr, self.train_steps, self.first_order_at(iteration), self.loss_fn,
+            self.model, chunk, self.inner_rate(), self.train_steps, self.first_order_at(iteration), self.loss_fn,
             adapted=self.adapted, step_weights=weights))
 
     def extra_scalars(self) -> dict[str, float]:

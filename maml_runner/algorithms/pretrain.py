@@ -9,12 +9,14 @@ regresses the pooled points and is fine-tuned as it is.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..data.base import Task, TaskBatch
 from ..errors import UserError
+from ..schema import POSITIVE_FLOAT, AlgorithmConfig, required
 from .base import MetaAlgorithm
 
 
@@ -29,6 +31,11 @@ class PooledBatch(TaskBatch):
 
 
 class Pretrain(MetaAlgorithm):
+    @dataclass
+    class Config(AlgorithmConfig):  # no inner_steps: fine-tuning takes eval.inner_steps
+        inner_lr: float = required(POSITIVE_FLOAT)
+        outer_lr: float = required(POSITIVE_FLOAT)
+
     name = "pretrain"
 
     def __init__(self, model, cfg, task_type, total_iterations):

@@ -4,27 +4,61 @@ size eps annealed linearly to 0 over training.
 
 The inner loop trains on all of the task's data (support and query: Reptile has no query loss); evaluation adapts
 on the support set with plain SGD (`eval_optimizer=sgd`, at `eval_inner_lr`) or with the training inner optimizer
-(`eval_optimizer=inner`). `algorithm.meta_step_size` is eps; `outer_lr` is not used by Reptile.
+(`eval_optimizer=inner`). `algorithm.meta_step_size` is eps; Reptile has no `outer_lr`.
 
 `inner_optimizer_state=persistent` is openai/supervised-reptile's behaviour: only the model's trainable variables are
 reset between tasks, so the inner Adam's moments and step count carry over across tasks and meta-iterations; its
 evaluation starts every test task from that state and restores it afterwards. `fresh` gives every task a new
 optimizer.
+
+`inner_batch_size` / `eval_inner_batch_size` (null: full batch) make each inner step use a mini-batch, as
+supervised-reptile's `_mini_batches`: the task's examples are reshuffled at every pass and cut into consecutive
+batches, a batch may span two passes (so a batch larger than the task repeats examples). Training shuffles with the
+global torch RNG (saved in checkpoints: a resumed run draws the same batches); evaluation with a generator seeded
+afresh for every task, so testing a checkpoint twice gives the same numbers.
+
+With a fresh SGD inner optimizer, training steps may run the meta-batch's inner loops at once
+(algorithms/vectorized.py, hardware.vectorize) for models with a task-grouped forward. Adam keeps the per-task loop:
+with persistent state task t+1's inner loop starts from task t's moments and step count (a sequential dependency
+that cannot be batched), and a fresh Adam would need a batched copy of torch's Adam arithmetic to give the same
+numbers (not done). `persistent` SGD also keeps the loop, which records the (empty) optimizer state.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
+from torch.func import vmap
 
-from ..data.base import Task
+from ..data.base import Task, TaskBatch
+from ..schema import (OPTIONAL_POSITIVE_FLOAT, OPTIONAL_POSITIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, AlgorithmConfig,
+                      one_of, required)
 from .base import MetaAlgorithm
+from .vectorized import fine_tune_grouped, grouped_model_reason, task_chunks, use_vectorized
 
 log = logging.getLogger(__name__)
 
+EVAL_BATCH_SEED = 0  # evaluation mini-batches: the same generator state for every test task (reproducible tests)
+
 
 class Reptile(MetaAlgorithm):
+    @dataclass
+    class Config(AlgorithmConfig):  # no outer_lr: the outer step is meta_step_size
+        inner_steps: int = required(POSITIVE_INT)
+        inner_lr: float = required(POSITIVE_FLOAT)
+        inner_optimizer: str = required(one_of("sgd", "adam"))
+        inner_betas: List[float] = required()
+        meta_step_size: float = required(POSITIVE_FLOAT)
+        eval_inner_lr: Optional[float] = required(OPTIONAL_POSITIVE_FLOAT)
+        inner_batch_size: Optional[int] = required(OPTIONAL_POSITIVE_INT)  # null: full-batch inner steps
+        eval_inner_batch_size: Optional[int] = required(OPTIONAL_POSITIVE_INT)
+        inner_optimizer_state: str = required(one_of("fresh", "persistent"))
+        eval_optimizer: str = required(one_of("sgd", "inner"))
+
     name = "reptile"
+    vectorize = "auto"  # hardware.vectorize (set by build_algorithm)
 
     def __init__(self, model, cfg, task_type, total_iterations):
         super().__init__(model, cfg, task_type, total_iterations)
@@ -34,6 +68,8 @@ class Reptile(MetaAlgorithm):
         self.persistent = str(cfg.get("inner_optimizer_state", "fresh")) == "persistent"
         self.eval_with_inner = str(cfg.get("eval_optimizer", "sgd")) == "inner"
         self.inner_state: dict | None = None  # the persistent inner optimizer's state_dict (None: not started)
+        self.inner_batch_size = cfg.get("inner_batch_size")
+        self.eval_inner_batch_size = cfg.get("eval_inner_batch_size")
         if int(cfg.inner_steps) == 1:
             # With one step, theta' - theta is the negative gradient of the task loss: the outer update is plain
             # SGD on the pooled loss (Nichol et al. 2018, section 5), i.e. the pretrain baseline.
@@ -47,15 +83,29 @@ class Reptile(MetaAlgorithm):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda t: max(0.0, 1.0 - t / total))
 
     def adapt(self, task: Task, steps: int, iteration=None):
-        if iteration is None and not self.eval_with_inner:  # evaluation: plain SGD on the support set
-            return self.fine_tune(self.model, task, steps, self.eval_lr)
-        data = None if iteration is None else \
-            (torch.cat([task.support_x, task.query_x]), torch.cat([task.support_y, task.query_y]))
+        training = iteration is not None
+        data = (torch.cat([task.support_x, task.query_x]), torch.cat([task.support_y, task.query_y])) if training \
+            else (task.support_x, task.support_y)
+        batches = self.mini_batches(len(data[1]), steps, training)
+        if not training and not self.eval_with_inner:  # evaluation: plain SGD on the support set
+            return self.fine_tune(self.model, task, steps, self.eval_lr, batches=batches)
         # Evaluation starts from the persistent state and leaves it as it was (supervised-reptile restores it).
-        keep = self.persistent and iteration is not None
+        keep = self.persistent and training
         return self.fine_tune(self.model, task, steps, float(self.cfg.inner_lr), self.inner_optimizer,
                               self.inner_betas, data=data, state=self.inner_state if self.persistent else None,
-                              on_done=self._keep_state if keep else None)
+                              on_done=self._keep_state if keep else None, batches=batches)
+
+    def mini_batches(self, examples: int, steps: int, training: bool) -> list[torch.Tensor] | None:
+        """Row indices of each inner step's mini-batch (supervised-reptile's `_mini_batches`: consecutive batches of
+        passes over the examples, each pass reshuffled); None for full-batch steps."""
+        size = self.inner_batch_size if training else self.eval_inner_batch_size
+        if size is None:
+            return None
+        size = int(size)
+        generator = None if training else torch.Generator().manual_seed(EVAL_BATCH_SEED)
+        passes = -(-steps * size // examples)
+        order = torch.cat([torch.randperm(examples, generator=generator) for _ in range(passes)])
+        return list(order[:steps * size].view(steps, size))
 
     def _keep_state(self, optimizer: torch.optim.Optimizer) -> None:
         self.inner_state = optimizer.state_dict()
@@ -67,8 +117,27 @@ class Reptile(MetaAlgorithm):
         super().load_checkpoint_state(state)
         self.inner_state = state.get("inner_state")
 
+    def vectorized_for(self, tasks) -> bool:
+        """Whether this meta-batch's inner loops run task-grouped: a fresh SGD inner optimizer per task (a
+        persistent optimizer state is kept by the per-task loop), full-batch steps, a model with a grouped forward,
+        and the per-task `adapt` not overridden."""
+        return type(self).adapt is Reptile.adapt and self.inner_optimizer == "sgd" and not self.persistent \
+            and self.inner_batch_size is None \
+            and isinstance(tasks, TaskBatch) and use_vectorized(self.vectorize, self.model, tasks) \
+            and grouped_model_reason(self.model) is None
+
     def train_step(self, tasks, iteration: int) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
+        if self.vectorized_for(tasks):
+            adapted_mean, loss, acc = self._adapt_grouped(tasks)
+        else:
+            adapted_mean, loss, acc = self._adapt_per_task(tasks, iteration)
+        for p, adapted in zip(self.model.parameters(), adapted_mean):
+            p.grad = p.detach() - adapted
+        return self.finish_step(loss, acc, iteration)
+
+    def _adapt_per_task(self, tasks, iteration: int) -> tuple[list[torch.Tensor], float, float]:
+        """The mean of the adapted parameters over the tasks, the adapted models' mean query loss and accuracy."""
         initial = [p.detach().clone() for p in self.model.parameters()]
         adapted_sum = [torch.zeros_like(p) for p in initial]
         losses, accs = [], []
@@ -80,9 +149,27 @@ class Reptile(MetaAlgorithm):
                 accs.append(self.metric(predictions, task.query_y))
             for total, p in zip(adapted_sum, learner.parameters()):
                 total += p.detach()
-        for p, theta, total in zip(self.model.parameters(), initial, adapted_sum):
-            p.grad = theta - total / len(tasks)
-        return self.finish_step(sum(losses) / len(losses), sum(accs) / len(accs), iteration)
+        return [total / len(tasks) for total in adapted_sum], sum(losses) / len(losses), sum(accs) / len(accs)
+
+    def _adapt_grouped(self, tasks: TaskBatch) -> tuple[list[torch.Tensor], float, float]:
+        """`_adapt_per_task` with the inner loops of each chunk of tasks run at once."""
+        adapted_sum = [torch.zeros_like(p) for p in self.model.parameters()]
+        losses, predictions = [], []
+        for chunk in task_chunks(tasks):
+            x = torch.cat([chunk.support_x, chunk.query_x], dim=1)
+            y = torch.cat([chunk.support_y, chunk.query_y], dim=1)
+            fast = fine_tune_grouped(self.model, x, y, float(self.cfg.inner_lr), int(self.cfg.inner_steps),
+                                     self.loss_fn)
+            with torch.no_grad():
+                chunk_predictions = self.model.grouped_forward(chunk.query_x, fast)
+                losses.append(vmap(self.report_loss_fn)(chunk_predictions, chunk.query_y))
+                predictions.append(chunk_predictions)
+            for total, adapted in zip(adapted_sum, fast.values()):
+                total += adapted.sum(0)
+        predictions = torch.cat(predictions)
+        # Equal query sizes: accuracy over the whole batch = mean of the per-task accuracies.
+        acc = self.metric(predictions.flatten(0, 1), tasks.query_y.flatten(0, 1))
+        return [total / len(tasks) for total in adapted_sum], torch.cat(losses).mean().item(), acc
 
     def extra_scalars(self) -> dict[str, float]:
         return {"meta_step_size": self.optimizer.param_groups[0]["lr"]}

@@ -9,45 +9,18 @@ indexing of the pre-decoded image tensor, then `torch.rot90` per group of sample
 from __future__ import annotations
 
 import logging
-import random
 
-import learn2learn as l2l
 import numpy as np
 import torch
 
+from . import l2l_compat as l2l
 from .base import EpisodeSource, Task, TaskBatch
 
 log = logging.getLogger(__name__)
 
-# Transforms that only select samples (kept as they are) and those that touch the loaded data.
-_SELECTING = (l2l.data.transforms.NWays, l2l.data.transforms.KShots, l2l.data.transforms.FusedNWaysKShots,
-              l2l.data.transforms.FilterLabels, l2l.data.transforms.ConsecutiveLabels)
-_RELABELLING = (l2l.data.transforms.RemapLabels,)
-
 
 class Unsupported(Exception):
     """The source cannot be sampled by `CachedEpisodes`; the reason is the message."""
-
-
-class QuarterTurns:
-    """Marker left in a sample's transform list in place of a rotation: rotate by `k` quarter turns."""
-
-    __slots__ = ("k",)
-
-    def __init__(self, k: int):
-        self.k = int(k)
-
-
-def _planned_rotation(rotation):
-    """A copy of the source's rotation transform that leaves `QuarterTurns` markers instead of closures.
-
-    It subclasses the source's own class, so drawing the rotations (and the random calls) stays its code.
-    """
-    planned = type(f"Planned{type(rotation).__name__}", (type(rotation),),
-                   {"_rotate": staticmethod(QuarterTurns)})
-    clone = planned.__new__(planned)
-    clone.__dict__.update(rotation.__dict__)
-    return clone
 
 
 class CachedEpisodes(EpisodeSource):
@@ -55,7 +28,8 @@ class CachedEpisodes(EpisodeSource):
 
     Requires: `source.task_dataset` (a learn2learn TaskDataset resampling every time, num_tasks=-1) whose
     transforms are selecting ones, LoadData, RemapLabels and a class rotation with a `_rotate(k)` hook; the
-    dataset behind it exposing all images as one tensor `images`; `ways`, `shots`, `query_shots`.
+    dataset behind it exposing all images as one tensor `images`; `ways`, `shots`, `query_shots`. What it reads
+    of learn2learn's insides goes through `l2l_compat`, which refuses a learn2learn version it was not checked with.
     """
 
     def __init__(self, source):
@@ -63,28 +37,29 @@ class CachedEpisodes(EpisodeSource):
         task_dataset = getattr(source, "task_dataset", None)
         if task_dataset is None or not hasattr(source, "ways"):
             raise Unsupported(f"{type(source).__name__} is not a learn2learn TaskDataset source")
-        if task_dataset.num_tasks != -1:
+        l2l.check_version()
+        if not l2l.resamples_every_time(task_dataset):
             raise Unsupported("the TaskDataset caches a fixed number of task descriptions")
-        images = getattr(task_dataset.dataset.dataset, "images", None)
+        images = l2l.dataset_images(task_dataset)
         if not isinstance(images, torch.Tensor):
             raise Unsupported("the dataset does not hold its images as one tensor")
         self.images = images
         self.images_np = images.numpy()  # shares memory with the tensor
         self.task_dataset = task_dataset
-        self.indices_to_labels = task_dataset.dataset.indices_to_labels
+        self.indices_to_labels = l2l.indices_to_labels(task_dataset)
         self.ways, self.shots, self.query_shots = int(source.ways), int(source.shots), int(source.query_shots)
-        self.transforms = [self._plan_transform(t) for t in task_dataset.task_transforms]
+        self.transforms = [self._plan_transform(t) for t in l2l.task_transforms(task_dataset)]
         self.transforms = [t for t in self.transforms if t is not None]
         self.task_type = source.task_type
 
     @staticmethod
     def _plan_transform(transform):
-        if isinstance(transform, _SELECTING + _RELABELLING):
+        if isinstance(transform, l2l.SELECTING + l2l.RELABELLING):
             return transform
-        if isinstance(transform, l2l.data.transforms.LoadData):
+        if isinstance(transform, l2l.LOADING):
             return None  # loading is the one gather in `sample_batch`
-        if callable(getattr(type(transform), "_rotate", None)):
-            return _planned_rotation(transform)
+        if l2l.has_rotate_hook(transform):
+            return l2l.planned_rotation(transform)
         raise Unsupported(f"task transform {type(transform).__name__} is not known to the fast sampler")
 
     def pooled_batch(self, num_tasks: int):
@@ -100,19 +75,19 @@ class CachedEpisodes(EpisodeSource):
     def _plan(self) -> tuple[list[int], list[int], list[int]]:
         """Dataset indices, quarter turns and labels of one task, in the order the reference `sample` returns."""
         # TaskDataset.sample draws an index first, even when it resamples every time: same random calls.
-        random.randint(0, len(self.task_dataset) - 1)
+        l2l.draw_task_index(self.task_dataset)
         description = None
         for transform in self.transforms:
             description = transform(description)
         indices, turns, labels = [], [], []
-        for data in description:
-            k, label = 0, self.indices_to_labels[data.index]
-            for step in data.transforms:
-                if isinstance(step, QuarterTurns):
+        for index, steps in l2l.samples(description):
+            k, label = 0, self.indices_to_labels[index]
+            for step in steps:
+                if isinstance(step, l2l.QuarterTurns):
                     k += step.k
                 else:  # RemapLabels: maps the (x, y) pair's label
-                    label = step((None, label))[1]
-            indices.append(data.index)
+                    label = l2l.relabel(step, label)
+            indices.append(index)
             turns.append(k % 4)
             labels.append(label)
         order = sorted(range(len(labels)), key=labels.__getitem__)  # stable, as the reference's argsort

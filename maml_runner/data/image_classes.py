@@ -140,6 +140,9 @@ def check_task_shape(dataset_cfg) -> None:
         value = dataset_cfg.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise UserError(f"dataset.{key}={value} is invalid: expected a positive integer")
+    if dataset_cfg.get("download"):
+        raise UserError(f"dataset.download=true is not available for dataset.kind={dataset_cfg.get('kind')}: nothing "
+                        f"is downloaded; put the files under dataset.root")
     channels = dataset_cfg.get("channels", 3)
     if channels not in (1, 3) or isinstance(channels, bool):
         raise UserError(f"dataset.channels={channels} is invalid: expected 1 (grayscale) or 3 (RGB)")

@@ -6,7 +6,9 @@ verified by content (every character has 20 drawings), decoded once to 28x28 (in
 is what cbfinn/maml's resize script produced: PIL's resize(LANCZOS) on the original mode-"1" PNGs resamples with
 nearest neighbour (PIL does so for modes "1" and "P"), so the images stay binary. Characters are shuffled with a
 fixed seed into meta-train / meta-validation / meta-test; each class of a task is one character rotated by a random
-multiple of 90 degrees (`dataset.eval_rotations` may turn that off for validation and test tasks).
+multiple of 90 degrees (`dataset.eval_rotations` may turn that off for validation and test tasks), or, with
+`dataset.rotations_as_classes`, each training character in each rotation is a class of its own. `dataset.ink`
+picks the polarity the models see (1: ink 1 on 0, the default and cbfinn/maml's; 0: the PNGs' dark ink on 1).
 """
 from __future__ import annotations
 
@@ -238,11 +240,28 @@ def write_split(path, names: list[str], split: dict[str, np.ndarray], seed: int)
 
 
 # ---- episodes ----------------------------------------------------------------------------------------------
-class CharacterImages(torch.utils.data.Dataset):
-    """The images of some characters, float in [0, 1]; label = character id."""
+INK_VALUES = (1, 0)  # dataset.ink
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+
+def check_ink(dataset_cfg) -> int:
+    """`dataset.ink`: 1 (the runner's default and cbfinn/maml's `1 - x/255`: ink 1 on a background of 0) or 0 (the
+    PNGs' own polarity, ink 0 on a background of 1, as openai/supervised-reptile and MAML++'s loaders read them)."""
+    ink = dataset_cfg.get("ink", 1)
+    if isinstance(ink, bool) or ink not in INK_VALUES:
+        shown = str(ink).lower() if isinstance(ink, bool) else repr(ink) if isinstance(ink, str) else ink
+        raise UserError(f"dataset.ink={shown} is invalid: expected 1 (ink 1 on a background of 0, cbfinn/maml) or 0 "
+                        f"(ink 0 on a background of 1, supervised-reptile and MAML++)")
+    return int(ink)
+
+
+class CharacterImages(torch.utils.data.Dataset):
+    """The images of some characters, float in [0, 1]; label = character id. The cache holds ink = 255; `ink=0`
+    inverts (background 1)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, ink: int = 1):
         self.images = images.float().div_(255.0)
+        if ink == 0:
+            self.images = self.images.neg_().add_(1.0)
         self.labels = labels.tolist()
 
     def __len__(self) -> int:
@@ -334,6 +353,16 @@ class OmniglotTasks(EpisodeSource):
         return write_split(path, *self.split_info) if self.split_info else None
 
 
+def rotations_as_classes(images: torch.Tensor, labels: torch.Tensor, degrees) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every character in every rotation of `degrees` as a class of its own (supervised-reptile's `augment_dataset`):
+    label `character * len(degrees) + i` holds the drawings turned by `degrees[i]`. Tasks then draw classes from the
+    enlarged set, so one task may hold a character twice, in two rotations, as two classes."""
+    turns = [int(d) // 90 for d in degrees]
+    rotated = torch.cat([torch.rot90(images, k, dims=(-2, -1)) for k in turns])
+    classes = torch.cat([labels * len(turns) + i for i in range(len(turns))])
+    return rotated, classes
+
+
 def eval_query_shots(dataset_cfg) -> int:
     """Query examples per class in validation and test tasks: `dataset.eval_query_shots`, null = query_shots."""
     value = dataset_cfg.get("eval_query_shots")
@@ -364,6 +393,10 @@ def check_ways(dataset_cfg, split_sizes: dict[str, int]) -> None:
 def build_omniglot(dataset_cfg) -> dict[str, OmniglotTasks]:
     """Episode sources for the train / validation / test characters."""
     check_task_shape(dataset_cfg)
+    ink = check_ink(dataset_cfg)
+    as_classes = dataset_cfg.get("rotations_as_classes", False)
+    if not isinstance(as_classes, bool):
+        raise UserError(f"dataset.rotations_as_classes={as_classes!r} is invalid: expected true or false")
     data = load_omniglot(dataset_cfg.root, int(dataset_cfg.get("image_size", 28)), dataset_cfg.get("cache_dir"),
                          bool(dataset_cfg.get("download", False)), str(dataset_cfg.get("image_resize", "lanczos")))
     seed = int(dataset_cfg.get("split_seed", 1))
@@ -377,9 +410,13 @@ def build_omniglot(dataset_cfg) -> dict[str, OmniglotTasks]:
         mask = torch.zeros(data.num_characters, dtype=torch.bool)
         mask[torch.as_tensor(ids)] = True
         keep = mask[data.labels]
-        images = CharacterImages(data.images[keep], data.labels[keep])
+        split_images, split_labels = data.images[keep], data.labels[keep]
+        split_degrees = degrees if name == "train" else eval_degrees
+        if name == "train" and as_classes:
+            split_images, split_labels = rotations_as_classes(split_images, split_labels, degrees)
+            split_degrees = (0,)  # the rotation is part of the class now
+        images = CharacterImages(split_images, split_labels, ink)
         query = int(dataset_cfg.query_shots) if name == "train" else eval_query_shots(dataset_cfg)
-        sources[name] = OmniglotTasks(images, int(dataset_cfg.ways), int(dataset_cfg.shots), query,
-                                      degrees if name == "train" else eval_degrees)
+        sources[name] = OmniglotTasks(images, int(dataset_cfg.ways), int(dataset_cfg.shots), query, split_degrees)
         sources[name].split_info = (data.names, split, seed)
     return sources

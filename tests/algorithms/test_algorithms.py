@@ -11,17 +11,18 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from conftest import compose_config
-from maml_runner.algorithms import REGISTRY, build_algorithm
+from maml_runner.algorithms import available_algorithms, build_algorithm
 from maml_runner.data import build_sources
 from maml_runner.data.base import Task, TaskBatch
 from maml_runner.models import build_model
 
-ALGORITHMS = sorted(REGISTRY)
+ALGORITHMS = available_algorithms()  # conf/algorithm/*.yaml
 
 
 def make(algorithm: str, *overrides: str, iterations: int = 100, dtype=torch.float32):
-    cfg = compose_config([f"algorithm={algorithm}", "model.hidden=[8,8]", f"train.iterations={iterations}",
-                          *overrides])
+    # conv4's hidden is one width, the MLP's a list: the typed config (schema.py) takes whichever the model has
+    small = [] if any(o.startswith("model.hidden=") for o in overrides) else ["model.hidden=[8,8]"]
+    cfg = compose_config([f"algorithm={algorithm}", *small, f"train.iterations={iterations}", *overrides])
     torch.manual_seed(0)
     sources = build_sources(cfg.dataset)
     model = build_model(cfg.model, cfg.dataset).to(dtype)
