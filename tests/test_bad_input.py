@@ -42,7 +42,8 @@ def assert_one_line_error(result, expected: str, code: int = 2) -> str:
 @pytest.mark.parametrize("overrides,expected", [
     (["algorithm=foo"], re.escape("algorithm=foo is not an option; choose one of: anil, fomaml, maml, mamlpp, metasgd, "
                                            "pretrain, reptile")),
-    (["dataset=omniglot"], r"dataset=omniglot is not an option; choose one of: omniglot_20w1s, .*sinusoid"),
+    (["dataset=omniglot"], r"dataset=omniglot is not an option; choose one of: image_folder, miniimagenet_5w1s, "
+                           r"miniimagenet_5w5s, omniglot_20w1s, .*sinusoid"),
     (["train.iteratons=5"], re.escape("train.iteratons is not a config key; did you mean train.iterations? "
                                       "(maml-run --help lists them; +train.iteratons=... adds a new key)")),
     (["train.iterations=[1"], re.escape("cannot parse override 'train.iterations=[1': no viable alternative at "
