@@ -198,6 +198,16 @@ def test_vectorize_setting():
     assert vectorized.use_vectorized("on", model, big) and not vectorized.use_vectorized("off", model, images)
     assert vectorized.use_vectorized("auto", model, images)
     assert not vectorized.use_vectorized("auto", model, big)  # CPU, large tasks: the per-task loop (measured)
+    def task(images_per_task, size, channels=1):
+        half = images_per_task // 2
+        return TaskBatch(torch.zeros(2, half, channels, size, size), torch.zeros(2, half),
+                         torch.zeros(2, images_per_task - half, channels, size, size), torch.zeros(2, half))
+    # auto on CPU counts pixels: 40 Omniglot images (the measured break-even) in, 41 out; 10 miniImageNet images
+    # (84x84: 9x the pixels of 28x28) out, as measured (docs/benchmarks.md)
+    assert vectorized.use_vectorized("auto", model, task(40, 28))
+    assert not vectorized.use_vectorized("auto", model, task(41, 28))
+    assert not vectorized.use_vectorized("auto", model, task(10, 84, 3))
+    assert vectorized.use_vectorized("on", model, task(10, 84, 3))
     running = Conv4(5, hidden=4, bn="running")  # running statistics are updated in place: never under vmap
     assert not vectorized.use_vectorized("on", running, images)
     assert "running statistics" in vectorized.supports_vectorization(running)

@@ -33,11 +33,14 @@ from .inner_update import Rate, inner_update
 
 VECTORIZE_MODES = ("auto", "on", "off")
 
-# hardware.vectorize=auto on CPU: vectorized only while a task's images (support + query) are at most this many.
-# Measured (docs/benchmarks.md, 2-core CPU, meta-batch 32, 1 thread): 5w1s (10 images/task) 1.4x (MAML) and
-# 1.8x (FOMAML) faster train step; 20w1s (40) 0.8-1.2x, about even; 20w5s (200) 0.4x: big grouped convolutions
-# are slower than the per-task loop there. Vectors (sinusoid) always: 7-14x. Other devices (CUDA): always.
+# hardware.vectorize=auto on CPU: vectorized only while a task's pixels (support + query images x height x width) are
+# at most those of 40 Omniglot images. Measured (docs/benchmarks.md, 2-core CPU, meta-batch 32, 1 thread): 5w1s
+# (10 images/task) 1.4x (MAML) and 1.8x (FOMAML) faster train step; 20w1s (40) 0.8-1.2x, about even; 20w5s (200)
+# 0.4x: big grouped convolutions are slower than the per-task loop there. At 84x84 (miniImageNet) even 10 images
+# per task were 0.7-1.1x (FOMAML 0.68-0.84x), so pixels, not images, decide. Vectors (sinusoid) always: 7-14x. Other
+# devices (CUDA): always.
 CPU_MAX_IMAGES_PER_TASK = 40
+CPU_MAX_PIXELS_PER_TASK = CPU_MAX_IMAGES_PER_TASK * 28 * 28
 
 # On CPU the vectorized step runs the meta-batch in chunks of about this many images (support + query): the
 # elementwise passes of batch norm's double backward are memory-bound, and chunks keep activations in cache.
@@ -69,8 +72,10 @@ def use_vectorized(mode: str, model: nn.Module, tasks: TaskBatch) -> bool:
         return False
     if mode == "on" or tasks.support_x.device.type != "cpu":
         return True
-    per_task = tasks.support_x.shape[1] + tasks.query_x.shape[1]
-    return tasks.support_x.dim() <= 3 or per_task <= CPU_MAX_IMAGES_PER_TASK  # vectors (sinusoid): always
+    if tasks.support_x.dim() <= 3:  # vectors (sinusoid): always
+        return True
+    images = tasks.support_x.shape[1] + tasks.query_x.shape[1]
+    return images * tasks.support_x.shape[-2] * tasks.support_x.shape[-1] <= CPU_MAX_PIXELS_PER_TASK
 
 
 # ---- task-grouped path: models that define grouped_forward (models.TaskGrouped) ----------------------------------
