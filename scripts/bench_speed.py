@@ -220,7 +220,7 @@ def run_case(case, args, root, notes, device):
     peer = build_peer(case, args, device, args.peer_tasksets_cache)
     state = (*state, peer)
     algorithm = state[2]
-    names = ("reference", "fast") + (("peer",) if peer is not None else ())
+    names = path_names(state)
     times = {name: [] for name in names}
     first_difference, path, tasks = None, None, None
     for iteration in range(args.iterations + 1):  # iteration 0 warms up (not timed)
@@ -253,6 +253,11 @@ def run_case(case, args, root, notes, device):
     return (ratio, peer_ratio), state
 
 
+def path_names(state) -> tuple[str, ...]:
+    """The paths a case times: reference and fast, and the peer where one was built (the state's last item)."""
+    return ("reference", "fast") + (("peer",) if state[-1] is not None else ())
+
+
 def run_path(name, state, batch, steps, device):
     source, fast_source, algorithm, maml, optimizer, loss_fn, peer = state
     if name == "peer":  # its own model: no gradients to compare
@@ -268,7 +273,7 @@ def profile_case(case, state, args, device, rows=8) -> None:
     i.e. how much of each path is FLOPs that vectorizing cannot remove."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for name in ("reference", "fast", "peer")[:2 + (state[-1] is not None)]:
+    for name in path_names(state):
         with profile(activities=activities) as prof:
             for iteration in range(3):
                 random.seed(7000 + iteration)
@@ -285,7 +290,7 @@ def profile_case(case, state, args, device, rows=8) -> None:
 def measure_memory(case, state, args, device) -> None:
     """One more iteration per path with the peak-memory watcher (after all timings: see run_case)."""
     peaks = {}
-    for name in ("reference", "fast", "peer")[:2 + (state[-1] is not None)]:
+    for name in path_names(state):
         random.seed(5000)
         with PeakMemory(device) as peak:
             run_path(name, state, args.meta_batch, 1, device)

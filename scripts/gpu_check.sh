@@ -159,7 +159,7 @@ print(f"fixture: {len(images)} images under {root}")
 PYTHON
 
 # ---- 3. bench_speed.py on CUDA (reference and peer columns) --------------------------------------------------------
-run_stage bench_speed 170 "$PY" scripts/bench_speed.py --device cuda --iterations 10 --root "$FIXTURE" \
+run_stage bench_speed 200 "$PY" scripts/bench_speed.py --device cuda --iterations 10 --root "$FIXTURE" \
   --peer-root "$WORK/peer" --cases maml_5w1s fomaml_5w1s maml_20w1s fomaml_20w1s maml_sinusoid
 if [ "$DRY_RUN" = 0 ]; then
   say ""
@@ -170,7 +170,7 @@ fi
 
 # ---- 4. timed 2,000-iteration 5w1s run -----------------------------------------------------------------------------
 RUN_DIR=$WORK/maml_5w1s_2000  # checkpoints stay out of $OUT; the CSVs are copied there
-run_stage maml_run_5w1s_2000 150 "$PY" -m maml_runner.cli dataset=omniglot_5w1s model=conv4 \
+run_stage maml_run_5w1s_2000 140 "$PY" -m maml_runner.cli dataset=omniglot_5w1s model=conv4 \
   "dataset.root=$FIXTURE" hardware=cuda train.iterations=2000 report.enabled=false "hydra.run.dir=$RUN_DIR"
 if [ "$DRY_RUN" = 0 ] && [ -f "$RUN_DIR/results.csv" ]; then
   cp "$RUN_DIR/results.csv" "$OUT_DIR/maml_5w1s_2000_results.csv"
