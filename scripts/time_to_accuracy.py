@@ -106,7 +106,7 @@ def plot(rows: list[dict], target: float, case: str, path: Path) -> None:
     axis.set_xlabel("training wall seconds (sampling included, validation excluded)")
     axis.set_ylabel("validation accuracy (%)")
     axis.set_title(f"Omniglot {case}: time to {100 * target:.0f} % validation accuracy")
-    axis.legend(loc="lower right")
+    axis.legend(loc="best")
     axis.grid(alpha=0.3)
     figure.tight_layout()
     partial = path.with_name(path.stem + ".partial.png")
