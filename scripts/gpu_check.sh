@@ -134,7 +134,7 @@ FIXTURE=$WORK/omniglot
 run_stage fixture 60 env PYTHONPATH="$REPO/tests:$PYTHONPATH" "$PY" - "$FIXTURE" <<'PYTHON'
 """1,623 characters x 20 drawings in the original layout (964 background + 659 evaluation), drawn in parallel."""
 import io, sys, zipfile
-from multiprocessing import Pool
+from multiprocessing import get_context
 from pathlib import Path
 from omniglot_fixture import character_image
 
@@ -148,7 +148,7 @@ def _png(image):
 
 root = Path(sys.argv[1])
 root.mkdir(parents=True, exist_ok=True)
-with Pool() as pool:
+with get_context("fork").Pool() as pool:  # fork: the workers need this stdin script's functions
     images = [item for chunk in pool.map(drawings, range(1, 1624), chunksize=16) for item in chunk]
 for part, first, last in (("images_background", 1, 964), ("images_evaluation", 965, 1623)):
     with zipfile.ZipFile(root / f"{part}.zip", "w") as archive:
@@ -175,7 +175,15 @@ run_stage maml_run_5w1s_2000 140 "$PY" -m maml_runner.cli dataset=omniglot_5w1s 
 if [ "$DRY_RUN" = 0 ] && [ -f "$RUN_DIR/results.csv" ]; then
   cp "$RUN_DIR/results.csv" "$OUT_DIR/maml_5w1s_2000_results.csv"
   cp "$RUN_DIR/metrics.csv" "$OUT_DIR/maml_5w1s_2000_metrics.csv" 2>/dev/null
-  say "  - $("$PY" -c 'import csv, sys; r = next(csv.DictReader(open(sys.argv[1]))); print(f"{r[\"iterations_done\"]} iterations, {float(r[\"train_seconds\"]):.1f} s training ({1000 * float(r[\"seconds_per_iteration\"]):.1f} ms/iter), peak memory {r[\"peak_memory_mb\"]} MB, device {r[\"device\"]}; test accuracy {100 * float(r[\"test_accuracy\"]):.2f} % on fixture data (meaningless)")' "$RUN_DIR/results.csv" 2>&1 | tail -1)"
+  line=$("$PY" - "$RUN_DIR/results.csv" 2>&1 <<'PYTHON' | tail -1
+import csv, sys
+row = next(csv.DictReader(open(sys.argv[1])))
+print(f"{row['iterations_done']} iterations, {float(row['train_seconds']):.1f} s training "
+      f"({1000 * float(row['seconds_per_iteration']):.1f} ms/iter), peak memory {row['peak_memory_mb']} MB, "
+      f"device {row['device']}; test accuracy {100 * float(row['test_accuracy']):.2f} % on fixture data (meaningless)")
+PYTHON
+)
+  say "  - $line"
 fi
 
 say ""
