@@ -209,8 +209,14 @@ def main(argv=None) -> int:
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
-    # The runner's own files (split, checkpoints it might write) go to a scratch folder, not into --out.
-    runner = RunnerSide(args, ways, Path(tempfile.mkdtemp(prefix="tta_runner_")))
+    # The runner's own files (the split it writes) go to a scratch folder, removed at the end, not into --out.
+    with tempfile.TemporaryDirectory(prefix="tta_runner_") as scratch:
+        return train_side_by_side(args, ways, target, out, RunnerSide(args, ways, Path(scratch)))
+
+
+def train_side_by_side(args, ways: int, target: float, out: Path, runner: RunnerSide) -> int:
+    """The alternating blocks, the CSVs and the plot; returns the exit code."""
+    import torch
     sides = {}
     if "runner" in args.sides:
         sides["runner"] = runner
