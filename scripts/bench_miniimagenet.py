@@ -24,17 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-
-from maml_runner.algorithms import build_algorithm  # noqa: E402
-from maml_runner.algorithms.vectorized import use_vectorized  # noqa: E402
-from maml_runner.data import build_sources  # noqa: E402
-from maml_runner.models import build_model  # noqa: E402
+from maml_runner.algorithms import build_algorithm
+from maml_runner.algorithms.vectorized import use_vectorized
+from maml_runner.data import build_sources
+from maml_runner.models import build_model
+from maml_runner.paths import CONF_DIR
 
 SPLITS = {"train": 16, "validation": 5, "test": 5}  # classes per split of the generated data
 
@@ -50,7 +48,7 @@ def make_random_miniimagenet(root: Path, per_class: int) -> Path:
 
 
 def config(algorithm: str, root: Path, meta_batch: int, query: int):
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         return compose(config_name="config", overrides=[
             f"experiment=finn2017_{algorithm}_miniimagenet_5w1s", f"dataset.root={root}",
             f"train.meta_batch_size={meta_batch}", f"dataset.query_shots={query}", "hardware=cpu"])

@@ -1,4 +1,4 @@
-"""Reference loop vs the runner's fast path, in one process, alternating, on identical meta-batches.
+"""Reference loop and learn2learn's own pipeline (the peer) vs the runner's fast path, in one process, alternating.
 
 Reference (learn2learn's example loop): every task sampled through the TaskDataset (`source.sample()`), one
 `l2l.algorithms.MAML.clone()` + adapt per task, `backward` per task, Adam step.
@@ -9,9 +9,18 @@ Both start from the same weights; each iteration seeds `random` identically befo
 the same tasks. Printed per case: s/iter (median, sampling included), ratio, peak memory, the relative difference
 of the first meta-gradient (float32) and of a float64 re-run of that meta-batch; last lines `SPEEDUP <case> <ratio>`.
 
+Peer (Omniglot cases; scripts/l2l_peer.py): what a learn2learn user runs instead of `maml-run`, end to end:
+`l2l.vision.benchmarks.get_tasksets('omniglot', ...)` over torchvision's Omniglot (PNG decoding and resizing per
+sample, every task), `l2l.vision.models.OmniglotCNN`, the MAML example's per-task clone/adapt/backward and Adam; same
+meta-batch, inner steps and learning rates. Timed per iteration with sampling included (building the datasets is
+not timed), alternating with the other two paths; printed `PEER_SPEEDUP <case> <peer s/iter / fast s/iter>`.
+It needs the original zips under --root (a symlinked copy with the extracted PNGs goes to --peer-root); without
+them, or with --no-peer, the column is left out.
+
     .venv/bin/python scripts/bench_speed.py --iterations 5      # ~5 min on a 2-core CPU
     .venv/bin/python scripts/bench_speed.py --cases maml_5w1s --profile   # where the time goes (torch.profiler)
     .venv/bin/python scripts/bench_speed.py --iterations 3 --cases maml_5w1s fomaml_5w1s --device cuda
+    .venv/bin/python scripts/bench_speed.py --iterations 20 --cases maml_5w1s fomaml_5w1s --threads 1  # peer ratios
 """
 from __future__ import annotations
 
@@ -26,21 +35,20 @@ import threading
 import time
 from pathlib import Path
 
+import learn2learn as l2l
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from maml_runner.algorithms import build_algorithm
+from maml_runner.algorithms.vectorized import use_vectorized
+from maml_runner.data.base import TaskBatch
+from maml_runner.data.fast_episodes import cached_episodes
+from maml_runner.data.omniglot import CharacterImages, OmniglotTasks, build_omniglot
+from maml_runner.data.sinusoid import SinusoidTasks
+from maml_runner.models import MLP, Conv4
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import learn2learn as l2l  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from maml_runner.algorithms import build_algorithm  # noqa: E402
-from maml_runner.algorithms.vectorized import use_vectorized  # noqa: E402
-from maml_runner.data.base import TaskBatch  # noqa: E402
-from maml_runner.data.fast_episodes import cached_episodes  # noqa: E402
-from maml_runner.data.omniglot import CharacterImages, OmniglotTasks, build_omniglot  # noqa: E402
-from maml_runner.data.sinusoid import SinusoidTasks  # noqa: E402
-from maml_runner.models import MLP, Conv4  # noqa: E402
 
 # case -> (dataset, ways, shots, query_shots, inner_lr); Finn et al. 2017 settings, 1 inner step, meta-batch 32.
 DATASETS = {"5w1s": ("omniglot", 5, 1, 1, 0.4), "20w1s": ("omniglot", 20, 1, 1, 0.1),
@@ -157,6 +165,31 @@ def relative_difference(a, b) -> float:
     return (num / den) ** 0.5
 
 
+def build_peer(case, args, device, peer_tasksets_cache: dict):
+    """learn2learn's pipeline for an Omniglot case (None for sinusoid, with --no-peer, or without the zips).
+
+    The tasksets of one ways/shots are built once and shared by the MAML and FOMAML cases (building them decodes
+    every image once for learn2learn's bookkeeping the first time a --peer-root is used)."""
+    algorithm_name, dataset = case.split("_", 1)
+    kind, ways, shots, query, inner_lr = DATASETS[dataset]
+    if kind != "omniglot" or args.no_peer:
+        return None
+    import l2l_peer  # scripts/l2l_peer.py (this script's folder is on sys.path)
+    if not l2l_peer.peer_available(args.root):
+        print(f"NOTE: no Omniglot zips under {args.root}: no peer column", flush=True)
+        return None
+    key = (ways, shots)
+    if key not in peer_tasksets_cache:
+        started = time.perf_counter()
+        random.seed(0)  # learn2learn's class split shuffles with the global random
+        peer_root = l2l_peer.prepare_peer_root(args.root, args.peer_root)
+        peer_tasksets_cache[key] = l2l_peer.peer_tasksets(peer_root, ways, shots)
+        print(f"peer tasksets {ways}w{shots}s ready in {time.perf_counter() - started:.1f} s (not timed)", flush=True)
+    torch.manual_seed(0)
+    return l2l_peer.PeerMAML(peer_tasksets_cache[key], ways, shots, inner_lr, 1, 0.001,
+                             algorithm_name == "fomaml", device)
+
+
 def build_case(case, root, notes, device, dtype, vectorize):
     algorithm_name, dataset = case.split("_", 1)
     kind, ways, shots, query, inner_lr = DATASETS[dataset]
@@ -182,18 +215,23 @@ def run_case(case, args, root, notes, device):
     """Time both paths (no memory watcher running: its polling thread and the malloc setting it needs slow both
     paths down); peak memory is measured afterwards by `measure_memory`."""
     batch, steps = args.meta_batch, 1
-    source, fast_source, algorithm, maml, optimizer, loss_fn = state = build_case(
-        case, root, notes, device, torch.float32, args.vectorize)
-    times = {"reference": [], "fast": []}
-    first_difference, path = None, None
+    state = build_case(case, root, notes, device, torch.float32, args.vectorize)
+    peer = build_peer(case, args, device, args.peer_tasksets_cache)
+    state = (*state, peer)
+    algorithm = state[2]
+    names = path_names(state)
+    times = {name: [] for name in names}
+    first_difference, path, tasks = None, None, None
     for iteration in range(args.iterations + 1):  # iteration 0 warms up (not timed)
         seed = 1000 + iteration
-        order = ("reference", "fast") if iteration % 2 == 0 else ("fast", "reference")
+        shift = iteration % len(names)  # each path goes first, middle and last equally often
+        order = names[shift:] + names[:shift]
         gradients = {}
         for name in order:
             random.seed(seed)  # both paths draw the same tasks
             started = time.perf_counter()
-            gradients[name], tasks = run_path(name, state, batch, steps, device)
+            gradients[name], path_tasks = run_path(name, state, batch, steps, device)
+            tasks = path_tasks if name == "fast" else tasks
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if iteration:
@@ -204,13 +242,26 @@ def run_case(case, args, root, notes, device):
     float64_difference = float64_check(case, root, notes, device, args)
     reference, fast = statistics.median(times["reference"]), statistics.median(times["fast"])
     ratio = reference / fast
-    print(f"{case:16s} reference {reference:7.3f} s/iter  fast {fast:7.3f} s/iter  ratio {ratio:5.2f}  "
+    peer_ratio, peer_text = None, ""
+    if peer is not None:
+        peer_time = statistics.median(times["peer"])
+        peer_ratio = peer_time / fast
+        peer_text = f"  peer {peer_time:7.3f} s/iter  peer ratio {peer_ratio:5.2f}"
+    print(f"{case:16s} reference {reference:7.3f} s/iter  fast {fast:7.3f} s/iter  ratio {ratio:5.2f}{peer_text}  "
           f"fast path: {path}  grad rel diff f32 {first_difference:.1e} f64 {float64_difference:.1e}", flush=True)
-    return ratio, state
+    return (ratio, peer_ratio), state
+
+
+def path_names(state) -> tuple[str, ...]:
+    """The paths a case times: reference and fast, and the peer where one was built (the state's last item)."""
+    return ("reference", "fast") + (("peer",) if state[-1] is not None else ())
 
 
 def run_path(name, state, batch, steps, device):
-    source, fast_source, algorithm, maml, optimizer, loss_fn = state
+    source, fast_source, algorithm, maml, optimizer, loss_fn, peer = state
+    if name == "peer":  # its own model: no gradients to compare
+        peer.train_iteration(batch)
+        return None, None
     if name == "reference":
         return reference_iteration(source, maml, optimizer, loss_fn, batch, steps, device, torch.float32), None
     return fast_iteration(fast_source, algorithm, batch, device, torch.float32)
@@ -221,7 +272,7 @@ def profile_case(case, state, args, device, rows=8) -> None:
     i.e. how much of each path is FLOPs that vectorizing cannot remove."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for name in ("reference", "fast"):
+    for name in path_names(state):
         with profile(activities=activities) as prof:
             for iteration in range(3):
                 random.seed(7000 + iteration)
@@ -238,13 +289,13 @@ def profile_case(case, state, args, device, rows=8) -> None:
 def measure_memory(case, state, args, device) -> None:
     """One more iteration per path with the peak-memory watcher (after all timings: see run_case)."""
     peaks = {}
-    for name in ("reference", "fast"):
+    for name in path_names(state):
         random.seed(5000)
         with PeakMemory(device) as peak:
             run_path(name, state, args.meta_batch, 1, device)
         peaks[name] = peak.peak_mb
-    print(f"{case:16s} peak MB above the process's level: reference {peaks['reference']:7.1f}  "
-          f"fast {peaks['fast']:7.1f}", flush=True)
+    print(f"{case:16s} peak MB above the process's level: "
+          + "  ".join(f"{name} {peak:7.1f}" for name, peak in peaks.items()), flush=True)
 
 
 def float64_check(case, root, notes, device, args) -> float:
@@ -269,7 +320,15 @@ def main(argv=None) -> int:
     parser.add_argument("--vectorize", default="auto", choices=("auto", "on", "off"))
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables per case")
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))
+    parser.add_argument("--no-peer", action="store_true", help="leave out learn2learn's pipeline (the peer)")
+    parser.add_argument("--peer-root", default=None,
+                        help="where the peer's torchvision layout goes (symlinks + extracted PNGs; default: a fixed "
+                             "folder under the temp dir, reused)")
     args = parser.parse_args(argv)
+    args.peer_tasksets_cache = {}
+    if args.peer_root is None and not args.no_peer:
+        import l2l_peer
+        args.peer_root = l2l_peer.DEFAULT_PEER_ROOT
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -277,7 +336,8 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(f"device {name} | torch {torch.__version__} | threads {torch.get_num_threads()} | load average {load:.2f}"
           f" | meta-batch {args.meta_batch}, 1 inner step, {args.iterations} timed iterations per path (median)"
-          f" | hardware.vectorize={args.vectorize}", flush=True)
+          f" | hardware.vectorize={args.vectorize} | peer: {'off' if args.no_peer else 'learn2learn pipeline'}",
+          flush=True)
     notes: list = []
     ratios, states = {}, {}
     for case in args.cases:
@@ -291,8 +351,11 @@ def main(argv=None) -> int:
     _return_freed_memory()  # from here on RSS follows what is allocated (slower; nothing is timed any more)
     for case in args.cases:
         measure_memory(case, states[case], args, device)
-    for case, ratio in ratios.items():
+    for case, (ratio, _) in ratios.items():
         print(f"SPEEDUP {case} {ratio:.2f}")
+    for case, (_, peer_ratio) in ratios.items():
+        if peer_ratio is not None:
+            print(f"PEER_SPEEDUP {case} {peer_ratio:.2f}")
     return 0
 
 
