@@ -46,3 +46,25 @@ def run_cli(*overrides: str, timeout: float = 300):
     import subprocess
     return subprocess.run(cli_command(*overrides), cwd=REPO, env=cli_env(), capture_output=True, text=True,
                           timeout=timeout)
+
+
+TIMING_COLUMNS = {"train_seconds", "seconds_per_iteration", "peak_memory_mb", "elapsed_seconds"}
+
+
+def assert_same_csv_rows(run_dir, reference_dir, names=("metrics.csv", "results.csv")) -> None:
+    """The named CSVs of two runs hold the same rows and columns, timing columns aside (floats to 1e-6 relative)."""
+    import pytest
+    from maml_runner.io import read_csv
+
+    for name in names:
+        got, want = read_csv(run_dir / name, typed=True), read_csv(reference_dir / name, typed=True)
+        assert len(got) == len(want), f"{name}: {len(got)} rows, expected {len(want)}"
+        for got_row, want_row in zip(got, want):
+            assert got_row.keys() == want_row.keys(), name
+            for key, expected in want_row.items():
+                if key in TIMING_COLUMNS:
+                    continue
+                if isinstance(expected, float):
+                    assert got_row[key] == pytest.approx(expected, rel=1e-6, abs=1e-9, nan_ok=True), (name, key)
+                else:
+                    assert got_row[key] == expected, (name, key)

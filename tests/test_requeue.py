@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli_command, cli_env, compose_config
+from conftest import REPO, assert_same_csv_rows, cli_command, cli_env, compose_config
 from maml_runner.checkpoint import load_checkpoint
 from maml_runner.io import read_csv
 from maml_runner.train import run
@@ -22,7 +22,6 @@ pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the [sweeps
 COMMON = ["train.iterations=300", "train.val_interval=20", "train.val_tasks=10", "train.meta_batch_size=5",
           "eval.num_tasks=20", "hardware=cpu", "hardware.threads=1", "hardware.deterministic=true",
           "report.enabled=false"]
-TIMING_COLUMNS = {"train_seconds", "seconds_per_iteration", "peak_memory_mb", "elapsed_seconds"}
 
 
 def job_processes(sweep: Path) -> list[int]:
@@ -73,17 +72,7 @@ def test_sigusr2_requeues_a_submitit_job_which_resumes_last_pt_exactly(tmp_path)
     assert f"resumed from {job / 'checkpoints' / 'last.pt'} at iteration {stopped_at} " in logs
     assert 20 <= stopped_at < 300  # saved at the signal, mid-training
 
-    for name in ("metrics.csv", "results.csv"):
-        got, want = read_csv(job / name, typed=True), read_csv(reference / name, typed=True)
-        assert len(got) == len(want) and [r.keys() for r in got] == [r.keys() for r in want], name
-        for got_row, want_row in zip(got, want):
-            for key, expected in want_row.items():
-                if key in TIMING_COLUMNS:
-                    continue
-                if isinstance(expected, float):
-                    assert got_row[key] == pytest.approx(expected, rel=1e-6, abs=1e-9, nan_ok=True), (name, key)
-                else:
-                    assert got_row[key] == expected, (name, key)
+    assert_same_csv_rows(job, reference)
     assert load_checkpoint(job / "checkpoints" / "last.pt")["iteration"] == 300
 
 

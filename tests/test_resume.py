@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, cli_command, cli_env, compose_config, run_cli
+from conftest import REPO, assert_same_csv_rows, cli_command, cli_env, compose_config, run_cli
 from maml_runner import train as train_module
 from maml_runner.checkpoint import load_checkpoint, save_checkpoint
 from maml_runner.io import read_csv
@@ -28,7 +28,6 @@ COMMON = ["train.iterations=60", "train.val_interval=10", "train.val_tasks=10", 
           "train.log_interval=5", "eval.num_tasks=20", "hardware=cpu", "hardware.threads=1",
           "hardware.deterministic=true"]
 VALIDATIONS = list(range(10, 61, 10))
-TIMING_COLUMNS = {"train_seconds", "seconds_per_iteration", "peak_memory_mb", "elapsed_seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +39,7 @@ def reference(tmp_path_factory) -> Path:
 
 
 def assert_same_run(run_dir: Path, reference_dir: Path) -> None:
-    for name in ("metrics.csv", "results.csv"):
-        got, want = read_csv(run_dir / name, typed=True), read_csv(reference_dir / name, typed=True)
-        assert len(got) == len(want), f"{name}: {len(got)} rows, expected {len(want)}"
-        for got_row, want_row in zip(got, want):
-            assert got_row.keys() == want_row.keys()
-            for key, expected in want_row.items():
-                if key in TIMING_COLUMNS:
-                    continue
-                if isinstance(expected, float):
-                    assert got_row[key] == pytest.approx(expected, rel=1e-6, abs=1e-9, nan_ok=True), (name, key)
-                else:
-                    assert got_row[key] == expected, (name, key)
+    assert_same_csv_rows(run_dir, reference_dir)
     assert [row["iteration"] for row in read_csv(run_dir / "metrics.csv", typed=True)] == VALIDATIONS
     for name in ("last.pt", "best.pt"):
         got, want = (load_checkpoint(d / "checkpoints" / name) for d in (run_dir, reference_dir))
