@@ -26,6 +26,7 @@ from .data.fast_episodes import cached_episodes
 from .errors import UserError
 from .evaluate import evaluate
 from .hardware import configure, peak_memory_mb, reset_peak_memory
+from .io import remove_stale_temporaries
 from .lifecycle import (NanPolicy, StopRequested, StopSignals, TimeBudget, TrainingState, best_validation,
                         finished_results, last_good_checkpoint, restore)
 from .models import build_model
@@ -237,6 +238,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                          run_dir / RESULTS_FILE)
                 return finished
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temporaries(run_dir):  # a kill -9 mid-write; the lock says no one else writes
+            log.info("removed %s (left by a run killed while writing)", stale)
         trainer = build(cfg, run_dir)
         log.info(runlog.start_line(cfg, run_dir, trainer.device, torch.get_num_threads()))
         if checkpoint is not None:

@@ -145,3 +145,19 @@ def test_max_minutes_must_be_positive():
     from maml_runner.errors import UserError
     with pytest.raises(UserError, match=r"train.max_minutes=0 is invalid: expected a positive number or null"):
         validate(compose_config(["train.max_minutes=0"]))
+
+
+def test_temp_files_of_a_writer_killed_mid_write_are_removed_on_the_next_run(tmp_path):
+    """atomic_write's temp files (`.<name>.<random>.tmp`) outlive a kill -9 during the write; the next run in that
+    directory (it holds the run lock, so no one else writes there) removes them and nothing else."""
+    stale = [tmp_path / ".metrics.csv.k2j3.tmp", tmp_path / "checkpoints" / ".best.pt.n4uu1mtd.tmp"]
+    kept = [tmp_path / "notes.tmp", tmp_path / "checkpoints" / "mine.pt"]
+    for path in stale + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+    cfg = compose_config(["train.iterations=10", "train.val_interval=10", "train.val_tasks=4",
+                          "train.meta_batch_size=2", "eval.num_tasks=4", "hardware=cpu", "hardware.threads=1"])
+    run(cfg, tmp_path)
+    assert not any(path.exists() for path in stale)
+    assert all(path.read_bytes() == b"partial" for path in kept)
+    assert [path.name for path in tmp_path.rglob("*.tmp")] == ["notes.tmp"]  # the user's own file stays
