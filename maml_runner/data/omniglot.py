@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import RESIZE_MODES
+from ..config import RESIZE_MODES, check_value
 from ..errors import DataError, UserError
 from ..io import atomic_write, atomic_write_text
+from ..schema import BOOL, INK
 from .base import EpisodeSource, Task
 
 log = logging.getLogger(__name__)
@@ -240,17 +241,11 @@ def write_split(path, names: list[str], split: dict[str, np.ndarray], seed: int)
 
 
 # ---- episodes ----------------------------------------------------------------------------------------------
-INK_VALUES = (1, 0)  # dataset.ink
-
-
 def check_ink(dataset_cfg) -> int:
     """`dataset.ink`: 1 (the runner's default and cbfinn/maml's `1 - x/255`: ink 1 on a background of 0) or 0 (the
     PNGs' own polarity, ink 0 on a background of 1, as openai/supervised-reptile and MAML++'s loaders read them)."""
     ink = dataset_cfg.get("ink", 1)
-    if isinstance(ink, bool) or ink not in INK_VALUES:
-        shown = str(ink).lower() if isinstance(ink, bool) else repr(ink) if isinstance(ink, str) else ink
-        raise UserError(f"dataset.ink={shown} is invalid: expected 1 (ink 1 on a background of 0, cbfinn/maml) or 0 "
-                        f"(ink 0 on a background of 1, supervised-reptile and MAML++)")
+    check_value("dataset.ink", ink, INK)  # the schema's range, for configs built without it
     return int(ink)
 
 
@@ -395,8 +390,7 @@ def build_omniglot(dataset_cfg) -> dict[str, OmniglotTasks]:
     check_task_shape(dataset_cfg)
     ink = check_ink(dataset_cfg)
     as_classes = dataset_cfg.get("rotations_as_classes", False)
-    if not isinstance(as_classes, bool):
-        raise UserError(f"dataset.rotations_as_classes={as_classes!r} is invalid: expected true or false")
+    check_value("dataset.rotations_as_classes", as_classes, BOOL)
     data = load_omniglot(dataset_cfg.root, int(dataset_cfg.get("image_size", 28)), dataset_cfg.get("cache_dir"),
                          bool(dataset_cfg.get("download", False)), str(dataset_cfg.get("image_resize", "lanczos")))
     seed = int(dataset_cfg.get("split_seed", 1))
