@@ -222,10 +222,14 @@ def validate(cfg: DictConfig) -> None:
 
 # ---- configs saved by earlier versions ------------------------------------------------------------------------
 REMOVED_KEYS = ("eval.meta_batch_size",)  # read by nothing (issue 15); checkpoints written before still hold it
+# Keys added since runs were first saved, with the dataset kinds they belong to and the value that does what the
+# code did before the key existed: a checkpoint saved without them is compared as if it had them (a resumed
+# 2026-11-25 Omniglot run would otherwise warn "dataset.ink: None -> 1" and train.resume=true would not find it).
+ADDED_KEYS = (("dataset.ink", ("omniglot",), 1), ("dataset.rotations_as_classes", ("omniglot",), False))
 
 
 def upgrade_saved(saved: dict) -> dict:
-    """A checkpoint's saved config as this version would save it: the algorithm's `_target_` (from
+    """A checkpoint's saved config as this version would save it: ADDED_KEYS filled in; the algorithm's `_target_` (from
     conf/algorithm/<name>.yaml) when it predates `_target_`; without REMOVED_KEYS and without algorithm keys its
     class no longer has (pretrain's inner_steps/first_order, reptile's outer_lr, ...; dataset presets' inner_steps,
     inner_lr, outer_lr stay: they are still set). Resume compares against it (checkpoint.config_differences) and
@@ -236,6 +240,11 @@ def upgrade_saved(saved: dict) -> dict:
         section, _, name = key.partition(".")
         if isinstance(upgraded.get(section), dict):
             upgraded[section].pop(name, None)
+    for key, kinds, value in ADDED_KEYS:
+        section, _, name = key.partition(".")
+        part = upgraded.get(section)
+        if isinstance(part, dict) and name not in part and (kinds is None or part.get("kind") in kinds):
+            part[name] = value
     algorithm = upgraded.get("algorithm")
     if not isinstance(algorithm, dict):
         return upgraded

@@ -10,10 +10,10 @@ import pytest
 
 from conftest import compose_config
 from maml_runner.aggregate import collect
-from maml_runner.checkpoint import load_checkpoint, save_checkpoint
+from maml_runner.checkpoint import config_differences, load_checkpoint, save_checkpoint
 from maml_runner.eval_only import evaluate_only
 from maml_runner.io import read_csv
-from maml_runner.train import run
+from maml_runner.train import run, without_mode_keys
 
 TINY = ["train.iterations=6", "train.val_interval=3", "train.val_tasks=4", "train.meta_batch_size=2",
         "eval.num_tasks=8", "hardware=cpu", "hardware.threads=1"]
@@ -93,3 +93,35 @@ def test_results_of_different_algorithms_aggregate(tmp_path):
     by_run = {row["run"]: row for row in table}
     assert by_run["reptile"]["algorithm.inner_optimizer"] == "sgd"
     assert by_run["maml"]["algorithm.inner_optimizer"] is None
+
+
+def test_an_omniglot_run_saved_before_the_ink_and_rotation_keys_resumes_without_differences(tmp_path, caplog):
+    """dataset.ink and dataset.rotations_as_classes (issue 13) did not exist when the full-protocol Finn run was
+    started: its checkpoints are compared as if they held ink=1 and rotations_as_classes=false (config.ADDED_KEYS),
+    the values that reproduce what the code did then, so resuming warns only about a real difference and
+    train.resume=true still finds the run."""
+    from omniglot_fixture import make_fake_omniglot
+    root = make_fake_omniglot(tmp_path / "omniglot")
+    data = ["dataset=omniglot_5w1s", f"dataset.root={root}", f"dataset.cache_dir={root}/cache", "dataset.ways=3",
+            "dataset.split=[6,3,3]", "model.hidden=8", *TINY, "report.enabled=false"]
+    run_dir = tmp_path / "outputs" / "old"
+    run(compose_config(data), run_dir)
+    for name in ("best.pt", "last.pt"):
+        path = run_dir / "checkpoints" / name
+        state = load_checkpoint(path)
+        del state["config"]["dataset"]["ink"], state["config"]["dataset"]["rotations_as_classes"]
+        save_checkpoint(path, {k: v for k, v in state.items() if k not in ("format", "version")})
+    results = run_dir / "results.csv"
+    written = results.stat().st_mtime_ns
+    again = run(compose_config([*data, "train.resume=true"]), tmp_path / "outputs" / "new")
+    assert again["iterations_done"] == 6 and results.stat().st_mtime_ns == written  # found, finished: not re-run
+    with caplog.at_level(logging.WARNING, logger="maml_runner.train"):
+        row = run(compose_config([*data, "train.iterations=9", f"train.resume={run_dir}"]), tmp_path / "x")
+    assert row["iterations_done"] == 9
+    warnings = [r.getMessage() for r in caplog.records if "with a different config" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].endswith("with a different config: train.iterations: 6 -> 9")
+    # the filled-in value is the old behaviour, so asking for the other polarity is a real difference
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"]
+    del saved["dataset"]["ink"]
+    asked = without_mode_keys(compose_config([*data, "train.iterations=9", "dataset.ink=0"]))  # as run() compares
+    assert config_differences(saved, asked) == ["dataset.ink: 1 -> 0"]
