@@ -1,0 +1,132 @@
+"""Candidate formulations of the fast path's step, measured side by side in one process (issue 17's 20-way work).
+
+Two experiments, each alternating its variants so that load changes hit both alike; every ratio is baseline / variant
+(> 1: the variant is faster):
+
+* `conv`: one task-grouped convolution layer of the 20-way meta-batch (T=16 tasks, N=20 images, 64 filters), forward,
+  an inner step (create_graph) and the second-order backward, as the grouped conv the runner uses
+  (models.grouped_conv2d: F.conv2d with groups=T) vs im2col + batched matmul (F.unfold, torch.bmm).
+* `precision`: the runner's whole MAML/FOMAML train_step (real Omniglot, dataset preset hyperparameters) in float32
+  vs under `torch.autocast(bfloat16)`, with the relative difference and cosine of the two meta-gradients of the
+  first meta-batch (same weights, same tasks).
+
+    .venv/bin/python scripts/bench_formulations.py conv
+    .venv/bin/python scripts/bench_formulations.py precision --cases 20w1s:maml 20w1s:fomaml 5w1s:maml
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS, IMAGES, FILTERS = 16, 20, 64
+
+
+def grouped_conv(x, w, b):
+    """The runner's layout: x [N, T*Cin, H, W], per-task filters w [T, Cout, Cin, 3, 3]."""
+    return F.conv2d(x, w.reshape(-1, *w.shape[2:]), b.reshape(-1), 2, 1, groups=TASKS)
+
+
+def unfold_bmm_conv(x, w, b):
+    """The same convolution as im2col patches times each task's filter matrix (one batched matmul)."""
+    n, channels, height, width = x.shape
+    cin = channels // TASKS
+    cols = F.unfold(x, 3, padding=1, stride=2)  # [N, T*Cin*9, L]
+    positions = cols.shape[-1]
+    cols = cols.view(n, TASKS, cin * 9, positions).permute(1, 0, 3, 2).reshape(TASKS, n * positions, cin * 9)
+    out = torch.bmm(cols, w.reshape(TASKS, w.shape[1], -1).transpose(1, 2)) + b.unsqueeze(1)
+    h_out, w_out = (height - 1) // 2 + 1, (width - 1) // 2 + 1
+    return out.view(TASKS, n, h_out, w_out, -1).permute(1, 0, 4, 2, 3).reshape(n, -1, h_out, w_out)
+
+
+def second_order_layer_step(conv, cin: int, size: int) -> None:
+    x = torch.randn(IMAGES, TASKS * cin, size, size)
+    w = torch.randn(TASKS, FILTERS, cin, 3, 3, requires_grad=True)
+    b = torch.zeros(TASKS, FILTERS, requires_grad=True)
+    gw, gb = torch.autograd.grad((conv(x, w, b).relu() ** 2).mean(), (w, b), create_graph=True)
+    (conv(x, w - 0.1 * gw, b - 0.1 * gb).relu() ** 2).mean().backward()
+
+
+def median_pair(run_a, run_b, repeats: int) -> tuple[float, float]:
+    times = ([], [])
+    for _ in range(repeats):
+        for which, fn in enumerate((run_a, run_b)):
+            started = time.perf_counter()
+            fn()
+            times[which].append(time.perf_counter() - started)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def bench_conv(repeats: int) -> None:
+    for cin, size in ((1, 28), (FILTERS, 14), (FILTERS, 7), (FILTERS, 4)):
+        x = torch.randn(IMAGES, TASKS * cin, size, size)
+        w, b = torch.randn(TASKS, FILTERS, cin, 3, 3), torch.randn(TASKS, FILTERS)
+        assert torch.allclose(grouped_conv(x, w, b), unfold_bmm_conv(x, w, b), atol=1e-3, rtol=1e-4)
+        grouped, unfolded = median_pair(lambda: second_order_layer_step(grouped_conv, cin, size),
+                                        lambda: second_order_layer_step(unfold_bmm_conv, cin, size), repeats)
+        print(f"conv layer {cin}->{FILTERS} at {size}x{size}: grouped {1e3 * grouped:.1f} ms | unfold+bmm "
+              f"{1e3 * unfolded:.1f} ms | RATIO {grouped / unfolded:.2f}")
+
+
+def bench_precision(cases: list[str], root: str, repeats: int, device: str) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from maml_runner.train import build
+    for case in cases:
+        setting, algorithm = case.split(":")
+        with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+            cfg = compose("config", [f"algorithm={algorithm}", f"dataset=omniglot_{setting}", f"dataset.root={root}",
+                                     f"hardware.device={device}"])
+        with tempfile.TemporaryDirectory() as run_dir:
+            trainer = build(cfg, Path(run_dir))
+        meta, source = trainer.algorithm, trainer.sources["train"]
+        start = copy.deepcopy(meta.state_dict())
+        dtype_device = "cuda" if device.startswith("cuda") else "cpu"
+        tasks = [source.sample_batch(int(cfg.train.meta_batch_size)).to(trainer.device) for _ in range(repeats)]
+        gradients = {}
+
+        def step(bf16: bool, index: list) -> None:
+            meta.load_state_dict(start)
+            with torch.autocast(dtype_device, dtype=torch.bfloat16, enabled=bf16):
+                meta.train_step(tasks[index[0] % repeats], 10)
+            if bf16 not in gradients:
+                gradients[bf16] = torch.cat([p.grad.flatten() for p in meta.parameters() if p.grad is not None])
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            index[0] += 1
+
+        counters = ([0], [0])
+        step(False, counters[0]), step(True, counters[1])  # warm-up (and the first batch's gradients)
+        fp32, bf16 = median_pair(lambda: step(False, counters[0]), lambda: step(True, counters[1]), repeats)
+        g32, g16 = gradients[False], gradients[True]
+        print(f"{case}: float32 {fp32:.3f} s/iter | bf16 autocast {bf16:.3f} s/iter | RATIO {fp32 / bf16:.2f} | "
+              f"meta-gradient relative difference {float((g32 - g16).norm() / g32.norm()):.3f}, cosine "
+              f"{float(F.cosine_similarity(g32, g16, 0)):.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("experiment", choices=("conv", "precision"))
+    parser.add_argument("--cases", nargs="+", default=["20w1s:maml", "20w1s:fomaml", "5w1s:maml"])
+    parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.experiment == "conv":
+        bench_conv(args.repeats)
+    else:
+        bench_precision(args.cases, args.root, args.repeats, args.device)
+
+
+if __name__ == "__main__":
+    main()
