@@ -142,3 +142,22 @@ def test_gpu_check_refuses_unknown_arguments(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == ("gpu_check.sh: unknown argument '--fast' (allowed: --dry-run, --budget "
                                      "SECONDS, --summary PATH, --out DIR)")
+
+
+# ---- bench_formulations.py -----------------------------------------------------------------------------------------
+def test_the_im2col_formulation_computes_the_grouped_convolution_and_its_second_order_gradient():
+    """The ratio bench_formulations.py prints compares like with like: im2col + bmm is the same per-task stride-2
+    convolution as the runner's grouped conv, values and the meta-gradient through an inner step (float64)."""
+    formulations = _script("bench_formulations")
+    tasks, cin = formulations.TASKS, 3
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, tasks * cin, 7, 7, generator=generator, dtype=torch.float64)
+    grads = []
+    for conv in (formulations.grouped_conv, formulations.unfold_bmm_conv):
+        w = torch.randn(tasks, 5, cin, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64,
+                        requires_grad=True)
+        b = torch.zeros(tasks, 5, dtype=torch.float64, requires_grad=True)
+        gw, gb = torch.autograd.grad((conv(x, w, b).tanh() ** 2).sum(), (w, b), create_graph=True)
+        grads.append(torch.autograd.grad((conv(x, w - 0.1 * gw, b - 0.1 * gb) ** 2).sum(), w)[0])
+    assert formulations.unfold_bmm_conv(x, w, b).shape == (4, tasks * 5, 4, 4)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-10)
