@@ -17,11 +17,10 @@ batches, a batch may span two passes (so a batch larger than the task repeats ex
 global torch RNG (saved in checkpoints: a resumed run draws the same batches); evaluation with a generator seeded
 afresh for every task, so testing a checkpoint twice gives the same numbers.
 
-With a fresh SGD inner optimizer, training steps may run the meta-batch's inner loops at once
-(algorithms/vectorized.py, hardware.vectorize) for models with a task-grouped forward. Adam keeps the per-task loop:
-with persistent state task t+1's inner loop starts from task t's moments and step count (a sequential dependency
-that cannot be batched), and a fresh Adam would need a batched copy of torch's Adam arithmetic to give the same
-numbers (not done). `persistent` SGD also keeps the loop, which records the (empty) optimizer state.
+With a fresh inner optimizer (SGD, or Adam: its arithmetic is elementwise, vectorized._GroupedAdam), training steps
+may run the meta-batch's inner loops at once (algorithms/vectorized.py, hardware.vectorize) for models with a
+task-grouped forward, mini-batches included. A persistent state keeps the per-task loop: task t+1's inner loop
+starts from task t's moments and step count, a sequential dependency that cannot be batched.
 """
 from __future__ import annotations
 
@@ -118,11 +117,11 @@ class Reptile(MetaAlgorithm):
         self.inner_state = state.get("inner_state")
 
     def vectorized_for(self, tasks) -> bool:
-        """Whether this meta-batch's inner loops run task-grouped: a fresh SGD inner optimizer per task (a
-        persistent optimizer state is kept by the per-task loop), full-batch steps, a model with a grouped forward,
-        and the per-task `adapt` not overridden."""
-        return type(self).adapt is Reptile.adapt and self.inner_optimizer == "sgd" and not self.persistent \
-            and self.inner_batch_size is None \
+        """Whether this meta-batch's inner loops run task-grouped: a fresh inner optimizer per task (SGD or Adam;
+        a persistent optimizer state is kept by the per-task loop), a model with a grouped forward, and the
+        per-task `adapt` and `mini_batches` not overridden."""
+        return type(self).adapt is Reptile.adapt and type(self).mini_batches is Reptile.mini_batches \
+            and not self.persistent \
             and isinstance(tasks, TaskBatch) and use_vectorized(self.vectorize, self.model, tasks) \
             and grouped_model_reason(self.model) is None
 
@@ -158,8 +157,13 @@ class Reptile(MetaAlgorithm):
         for chunk in task_chunks(tasks):
             x = torch.cat([chunk.support_x, chunk.query_x], dim=1)
             y = torch.cat([chunk.support_y, chunk.query_y], dim=1)
-            fast = fine_tune_grouped(self.model, x, y, float(self.cfg.inner_lr), int(self.cfg.inner_steps),
-                                     self.loss_fn)
+            steps = int(self.cfg.inner_steps)
+            # task by task, in meta-batch order: the same draws from the global RNG as the per-task loop
+            batches = None if self.inner_batch_size is None else \
+                torch.stack([torch.stack(self.mini_batches(y.shape[1], steps, True)) for _ in range(len(chunk))])
+            fast = fine_tune_grouped(self.model, x, y, float(self.cfg.inner_lr), steps, self.loss_fn,
+                                     self.inner_optimizer, self.inner_betas, batches.to(x.device)
+                                     if batches is not None else None)
             with torch.no_grad():
                 chunk_predictions = self.model.grouped_forward(chunk.query_x, fast)
                 losses.append(vmap(self.report_loss_fn)(chunk_predictions, chunk.query_y))

@@ -154,15 +154,53 @@ def adapt_head_and_query_grouped(model: nn.Module, tasks: TaskBatch, inner_lr: R
     return _per_task_loss(loss_fn, predictions, tasks.query_y), predictions
 
 
-def fine_tune_grouped(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, steps: int, loss_fn
+def fine_tune_grouped(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, steps: int, loss_fn,
+                      optimizer: str = "sgd", betas=(0.9, 0.999), batches: torch.Tensor | None = None
                       ) -> dict[str, torch.Tensor]:
-    """Reptile's inner loop for every task at once: `steps` full-batch SGD steps at `lr` from the model's parameters
-    on each task's data (`x` [T, N, ...], `y` [T, N]); returns the adapted per-task parameters [T, *shape], detached
-    (Reptile takes no gradient through its inner loop)."""
-    with torch.enable_grad():
-        fast = {name: p.detach() for name, p in _per_task_parameters(model, x.shape[0]).items()}
-        fast = _inner_loop(model.grouped_forward, fast, x, y, lr, steps, True, loss_fn, list(fast))
-    return {name: p.detach() for name, p in fast.items()}
+    """Reptile's inner loop for every task at once: `steps` steps from the model's parameters on each task's data
+    (`x` [T, N, ...], `y` [T, N]); returns the adapted per-task parameters [T, *shape], detached (Reptile takes no
+    gradient through its inner loop).
+
+    `optimizer`: "sgd" at `lr`, or "adam": a fresh torch.optim.Adam per task (lr, `betas`, eps 1e-8), whose
+    arithmetic is elementwise, so it runs on the per-task copies as it would on each task's own. `batches`: row
+    indices [T, steps, size] of each task's mini-batch at each step (Reptile.mini_batches); None: full batch."""
+    fast = {name: p.detach() for name, p in _per_task_parameters(model, x.shape[0]).items()}
+    if optimizer == "sgd" and batches is None:
+        with torch.enable_grad():
+            fast = _inner_loop(model.grouped_forward, fast, x, y, lr, steps, True, loss_fn, list(fast))
+        return {name: p.detach() for name, p in fast.items()}
+    adam = _GroupedAdam(fast, lr, betas) if optimizer == "adam" else None
+    tasks = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+    for step in range(steps):
+        xs, ys = (x, y) if batches is None else (x[tasks, batches[:, step]], y[tasks, batches[:, step]])
+        with torch.enable_grad():
+            at = {name: p.detach().requires_grad_() for name, p in fast.items()}
+            losses = _per_task_loss(loss_fn, model.grouped_forward(xs, at, step), ys)
+            gradients = torch.autograd.grad(losses.sum(), list(at.values()))
+        fast = adam.step(fast, gradients) if adam is not None else \
+            {name: p - lr * g for (name, p), g in zip(fast.items(), gradients)}
+    return fast
+
+
+class _GroupedAdam:
+    """torch.optim.Adam's single-tensor update (no weight decay, no amsgrad) on per-task parameter copies: every
+    task has its own moments; all tasks step together, so they share the step count."""
+
+    def __init__(self, params: dict[str, torch.Tensor], lr: float, betas, eps: float = 1e-8):
+        self.lr, (self.beta1, self.beta2), self.eps, self.count = lr, betas, eps, 0
+        self.moments = [torch.zeros_like(p) for p in params.values()]
+        self.squares = [torch.zeros_like(p) for p in params.values()]
+
+    def step(self, params: dict[str, torch.Tensor], gradients) -> dict[str, torch.Tensor]:
+        self.count += 1
+        step_size = self.lr / (1 - self.beta1 ** self.count)
+        correction2_sqrt = (1 - self.beta2 ** self.count) ** 0.5
+        updated = {}
+        for (name, p), g, m, v in zip(params.items(), gradients, self.moments, self.squares):
+            m.lerp_(g, 1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            updated[name] = p.addcdiv(m, (v.sqrt() / correction2_sqrt).add_(self.eps), value=-step_size)
+        return updated
 
 
 def train_step_in_chunks(algorithm, tasks: TaskBatch, iteration: int, adapt_and_query_chunk) -> dict[str, float]:
