@@ -1,8 +1,9 @@
 """hardware.vectorize=off vs on for one algorithm's train step, in one process, alternating, same meta-batches.
 
 Every meta-learner's per-task loop (`off`, the reference) against its fast path (`on`: the meta-batch's inner loops
-at once, algorithms/vectorized.py): MAML, FOMAML, MAML++, ANIL, Meta-SGD, Reptile (SGD inner optimizer). Both
-start from the same weights and draw the same tasks (fast sampling in both: this times the inner loop only).
+at once, algorithms/vectorized.py): MAML, FOMAML, MAML++, ANIL, Meta-SGD, Reptile (SGD inner optimizer; with
+`--reptile-adam` a fresh inner Adam). Both start from the same weights and draw the same tasks (fast sampling in
+both: this times the inner loop only).
 Printed per case: s/iter (median), ratio, and the relative difference of the first meta-gradient (all
 meta-parameters, learned rates included; Reptile: its pseudo-gradient); last lines `SPEEDUP <case> <ratio>`.
 Inner steps: `--steps`, else 1 (Finn et al.'s 5-way) and Reptile's own `inner_steps` (conf/algorithm/reptile.yaml).
@@ -52,6 +53,8 @@ def build(case, args, root, notes, vectorize):
     algorithm_cfg = OmegaConf.load(CONF_DIR / "algorithm" / f"{algorithm_name}.yaml")
     if algorithm_name == "reptile":  # its own inner loop (5 SGD steps at 0.1 on support + query)
         algorithm_cfg.update(dict(inner_steps=args.steps or algorithm_cfg.inner_steps))
+        if args.reptile_adam:  # Nichol et al.'s inner Adam (beta1 = 0, lr 1e-3), a fresh one per task
+            algorithm_cfg.update(dict(inner_optimizer="adam", inner_lr=0.001, inner_betas=[0.0, 0.999]))
     else:
         algorithm_cfg.update(dict(inner_lr=inner_lr, inner_steps=args.steps or 1))
     algorithm = build_algorithm(model, algorithm_cfg, source.task_type, TOTAL_ITERATIONS, vectorize=vectorize)
@@ -99,6 +102,8 @@ def main(argv=None) -> int:
     parser.add_argument("--phase", default="second", choices=("first", "second"),
                         help="MAML++ derivative-order annealing: time its first-order or its second-order phase")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--reptile-adam", action="store_true",
+                        help="Reptile with a fresh inner Adam (beta1 0, lr 1e-3) instead of its default SGD")
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))
     args = parser.parse_args(argv)
     args.cases = [case for name in args.cases for case in GROUPS.get(name, [name])]
