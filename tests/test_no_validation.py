@@ -157,3 +157,20 @@ def test_report_and_tensorboard_without_validation(reference, omniglot_root):
     tags = events.Tags()["scalars"]
     assert "train/loss" in tags and not any(tag.startswith("val/") for tag in tags)
     assert "final/best_val_loss" not in tags and "final/test_accuracy" in tags
+
+
+def test_eval_only_retests_last_pt_and_refuses_best(reference, tmp_path):
+    """maml-run eval.only=true on such a run tests last.pt (its saved eval.checkpoint); eval.checkpoint=best on the
+    command line is the config error, one line, before anything is written."""
+    from maml_runner.eval_only import evaluate_only
+
+    run_dir, row = reference
+    command = ["eval.only=true", f"train.resume={run_dir}", "hardware=cpu", "hardware.threads=1"]
+    again = evaluate_only(compose_config(command), tmp_path / "log", command)
+    assert again["checkpoint"] == "last" and again["mean"] == pytest.approx(row["mean"], abs=1e-12)
+    assert Path(again["results_file"]).name == "results_eval_last_3steps_6tasks_seed1234.csv"
+    command.append("eval.checkpoint=best")
+    with pytest.raises(UserError, match=r"^eval.checkpoint=best needs validation characters, but dataset.split="
+                                        r"\[1200, 0, 423\] has none"):
+        evaluate_only(compose_config(command), tmp_path / "log2", command)
+    assert not (tmp_path / "log2").exists()
