@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .schema import HEAD_FEATURES
 
 BN_MODES = ("transductive", "running", "none")
 
@@ -209,7 +210,7 @@ class Conv4(TaskGrouped, nn.Module):
         super().__init__()
         if head_features is None:
             head_features = "flatten" if pooling == "max" else "mean"
-        if head_features not in ("mean", "flatten"):
+        if head_features not in HEAD_FEATURES:
             raise UserError(f"model.head_features={head_features!r} is invalid: expected null, mean or flatten")
         stride = 2 if pooling == "stride" else 1
         blocks, channels, size = [], in_channels, image_size

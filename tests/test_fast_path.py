@@ -346,8 +346,8 @@ def test_metasgd_per_parameter_rates_under_vmap():
     (lambda: Conv4(4, hidden=5, padding="tf_same", bn_scale=False, bn_eps=1e-3), (1, 28, 28)),
     (lambda: Conv4(4, hidden=5, bn="none", activation="leaky_relu"), (1, 28, 28)),
     (lambda: Conv4(4, in_channels=3, hidden=5, image_size=20, pooling="max"), (3, 20, 20)),  # miniImageNet's kind
-    (lambda: Conv4(4, hidden=5, padding="tf_same", head_features="flatten"), (1, 28, 28)),  # supervised-reptile's
-    (lambda: Conv4(4, hidden=5, layers=3, image_size=20, head_features="flatten"), (1, 20, 20)),  # 20 -> 10 -> 5 -> 3: 5*3*3
+    (lambda: Conv4(4, hidden=5, padding="tf_same", head_features="flatten"), (1, 28, 28)),  # supervised-reptile
+    (lambda: Conv4(4, hidden=5, layers=3, image_size=20, head_features="flatten"), (1, 20, 20)),  # 5 * 3 * 3
     (lambda: Conv4(4, in_channels=3, hidden=5, image_size=20, pooling="max", head_features="mean"), (3, 20, 20)),
     (lambda: MLP(hidden=(7, 6)), (1,)),
     (lambda: build_model(OmegaConf.create(dict(name="mlp", hidden=[6])),

@@ -397,7 +397,8 @@ def build_omniglot(dataset_cfg) -> dict[str, OmniglotTasks]:
     data = load_omniglot(dataset_cfg.root, int(dataset_cfg.get("image_size", 28)), dataset_cfg.get("cache_dir"),
                          bool(dataset_cfg.get("download", False)), str(dataset_cfg.get("image_resize", "lanczos")))
     seed = int(dataset_cfg.get("split_seed", 1))
-    split = split_characters(data.num_characters, check_omniglot_split(dataset_cfg.get("split", (1100, 100, 423))), seed)
+    sizes = check_omniglot_split(dataset_cfg.get("split", (1100, 100, 423)))
+    split = split_characters(data.num_characters, sizes, seed)
     check_ways(dataset_cfg, {name: len(ids) for name, ids in split.items()})
     degrees = tuple(dataset_cfg.get("rotations", (0, 90, 180, 270)))
     eval_degrees = dataset_cfg.get("eval_rotations")
