@@ -218,6 +218,25 @@ def validate(cfg: DictConfig) -> None:
     if _get(cfg, "dataset.kind") == "sinusoid" and _get(cfg, "dataset.ways") != 1:
         raise UserError(f"dataset.ways={_shown(_get(cfg, 'dataset.ways'))} is invalid for sinusoid regression: "
                         f"expected 1")
+    if _get(cfg, "dataset.kind") == "omniglot" and _get(cfg, "dataset.split") is not None:
+        split = check_omniglot_split(_get(cfg, "dataset.split"))
+        checkpoint = _get(cfg, "eval.checkpoint")
+        if split[1] == 0 and checkpoint is not None and str(checkpoint) != "last":
+            # best.pt (and anything chosen by validation) needs validation tasks; there are none to choose with.
+            raise UserError(f"eval.checkpoint={checkpoint} needs validation characters, but dataset.split={split} "
+                            f"has none (validation size 0): use eval.checkpoint=last, or a validation size >= 1")
+
+
+def check_omniglot_split(split) -> list[int]:
+    """`dataset.split` of Omniglot: three character counts [train, validation, test], train and test >= 1,
+    validation >= 0 (0: no validation set, as supervised-reptile's 1200 / 0 / 423). Returns them as ints; raises
+    the one-line UserError otherwise."""
+    values = OmegaConf.to_container(split) if isinstance(split, ListConfig) else split
+    if not isinstance(values, (list, tuple)) or len(values) != 3 or \
+            not all(is_number_of_kind(v, int) for v in values) or min(values[0], values[2]) < 1 or values[1] < 0:
+        raise UserError(f"dataset.split={_shown(split)} is invalid: expected three character counts [train, "
+                        f"validation, test], train and test >= 1, validation >= 0 (0: no validation set)")
+    return [int(v) for v in values]
 
 
 # ---- configs saved by earlier versions ------------------------------------------------------------------------

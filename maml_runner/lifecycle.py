@@ -53,9 +53,12 @@ class TrainingState:
         self.running["n"] += 1
 
     def end_interval(self, validation) -> dict:
-        """The metrics.csv row of a validation (`validation`: its `EvalResult`) with this interval's training means;
-        appends it to `metrics_rows` and starts the next interval's sums. Returns the row."""
-        (val_loss, val_loss_ci), (val_acc, val_acc_ci) = validation.loss, validation.accuracy
+        """The metrics.csv row of a validation (`validation`: its `EvalResult`, or None when the run has no
+        validation split: the validation columns are nan) with this interval's training means; appends it to
+        `metrics_rows` and starts the next interval's sums. Returns the row."""
+        (val_loss, val_loss_ci), (val_acc, val_acc_ci) = \
+            ((math.nan, math.nan), (math.nan, math.nan)) if validation is None else (validation.loss,
+                                                                                     validation.accuracy)
         n = self.running["n"] or math.nan  # nan, not 0, when every batch of the interval was skipped as non-finite
         row = {"iteration": self.iteration, "train_loss": self.running["loss"] / n,
                "train_accuracy": self.running["acc"] / n, "val_loss": val_loss, "val_accuracy": val_acc,
@@ -124,8 +127,15 @@ def finished_results(cfg: DictConfig, run_dir: Path, checkpoint: Path) -> dict |
 
 
 # ---- train.nan_policy --------------------------------------------------------------------------------------
-def last_good_checkpoint(metrics_rows: list[dict], last_saved_iteration: int | None, checkpoint_dir: Path) -> str:
-    """The newest checkpoint on disk whose validation loss was finite (the state to go back to), as a phrase."""
+def last_good_checkpoint(metrics_rows: list[dict], last_saved_iteration: int | None, checkpoint_dir: Path,
+                         validated: bool = True) -> str:
+    """The newest checkpoint on disk whose validation loss was finite (the state to go back to), as a phrase.
+    `validated=False` (no validation split): last.pt, the only checkpoint such a run writes (the loop stops or skips
+    at the first non-finite step, so the saved parameters are finite)."""
+    if not validated:
+        if last_saved_iteration is None:
+            return "no checkpoint saved yet (no validation split: last.pt is written every train.val_interval)"
+        return f"last good checkpoint: {checkpoint_dir / LAST} (iteration {last_saved_iteration}; no validation split)"
     finite = [row for row in metrics_rows if math.isfinite(row["val_loss"])]
     if not finite:
         return "no checkpoint with a finite validation loss yet"

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .schema import HEAD_FEATURES
 
 BN_MODES = ("transductive", "running", "none")
 
@@ -191,7 +192,10 @@ class Conv4(TaskGrouped, nn.Module):
 
     pooling="stride": stride-2 convolutions, spatial mean before the head (Finn et al.'s Omniglot network);
     pooling="max": stride-1 convolutions, each block ends in 2x2 max-pooling, the head sees the flattened features
-    (Finn et al.'s miniImageNet network, Antoniou et al.'s MAML++ network). `padding="tf_same"` pads as TensorFlow's
+    (Finn et al.'s miniImageNet network, Antoniou et al.'s MAML++ network). `head_features` overrides what the head
+    sees: "mean" (the spatial mean, `hidden` inputs) or "flatten" (the last feature map flattened, hidden * H * W
+    inputs: supervised-reptile's Omniglot network, 64 * 2 * 2 at 28x28); None keeps the pooling's own (mean for
+    "stride", flatten for "max"). `padding="tf_same"` pads as TensorFlow's
     'SAME' (stride 2: bottom/right only); `bn_scale=False` drops gamma; `bn_adapted=False` keeps the batch-norm
     parameters out of the inner loop (`outer_loop_only`); `init="xavier"` draws conv and linear weights
     Glorot-uniform with zero biases, and `head_init="normal"` the head weights from N(0, 1) (Finn's Omniglot head);
@@ -201,8 +205,13 @@ class Conv4(TaskGrouped, nn.Module):
     def __init__(self, out_features: int, in_channels: int = 1, hidden: int = 64, layers: int = 4,
                  bn: str = "transductive", image_size: int = 28, bn_scale: bool = True, bn_eps: float = 1e-5,
                  bn_adapted: bool = True, padding: str = "symmetric", pooling: str = "stride",
-                 init: str = "pytorch", head_init: str = "same", activation: str = "relu"):
+                 init: str = "pytorch", head_init: str = "same", activation: str = "relu",
+                 head_features: str | None = None):
         super().__init__()
+        if head_features is None:
+            head_features = "flatten" if pooling == "max" else "mean"
+        if head_features not in HEAD_FEATURES:
+            raise UserError(f"model.head_features={head_features!r} is invalid: expected null, mean or flatten")
         stride = 2 if pooling == "stride" else 1
         blocks, channels, size = [], in_channels, image_size
         self._conv_indices = []  # where each block's convolution sits in `body` (its norm follows it)
@@ -218,12 +227,15 @@ class Conv4(TaskGrouped, nn.Module):
                 blocks.append(nn.MaxPool2d(2))
                 size //= 2
             channels = hidden
-        if pooling == "max":
+        # `size`: the last feature map's side, followed through every block above (never assumed: 28 -> 2 with
+        # stride 2, 28 -> 1 with max-pooling; other image sizes and layer counts give other sides).
+        if head_features == "flatten":
             self.body = nn.Sequential(*blocks, nn.Flatten())
             features = hidden * size * size
         else:
             self.body = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
             features = hidden
+        self.head_features = head_features
         self.head = nn.Linear(features, out_features)
         self.bn_adapted = bn_adapted
         if init == "xavier":
@@ -248,9 +260,9 @@ class Conv4(TaskGrouped, nn.Module):
                 x = grouped_conv2d(module, x, params, f"body.{index}.", tasks)
             elif index in norms:  # MAML++ may have replaced it by a PerStepBatchNorm
                 x = grouped_norm(module, x, params, f"body.{index}.", tasks, step)
-            elif isinstance(module, nn.Flatten):  # pooling="max": the last module
+            elif isinstance(module, nn.Flatten):  # head_features="flatten": the last module
                 return grouped_features(x, tasks)
-            elif isinstance(module, nn.AdaptiveAvgPool2d):  # pooling="stride": spatial mean, then Flatten
+            elif isinstance(module, nn.AdaptiveAvgPool2d):  # head_features="mean": spatial mean, then Flatten
                 return grouped_features(x.mean((-2, -1)), tasks)
             else:  # padding, activation, max-pooling: per channel
                 x = module(x)
@@ -302,7 +314,8 @@ def build_model(model_cfg, dataset_cfg) -> nn.Module:
         return Conv4(out_features, in_channels=int(dataset_cfg.get("channels", 1)), hidden=int(model_cfg.hidden),
                      layers=int(model_cfg.layers), bn=bn, image_size=int(dataset_cfg.image_size),
                      bn_scale=bool(model_cfg.get("bn_scale", True)), bn_eps=float(model_cfg.get("bn_eps", 1e-5)),
-                     bn_adapted=bool(model_cfg.get("bn_adapted", True)), **choices)
+                     bn_adapted=bool(model_cfg.get("bn_adapted", True)),
+                     head_features=model_cfg.get("head_features"), **choices)
     if model_cfg.name == "mlp":
         in_features = 1 if regression else int(dataset_cfg.image_size) ** 2
         model = MLP(out_features, in_features=in_features, hidden=tuple(model_cfg.hidden))

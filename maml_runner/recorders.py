@@ -123,8 +123,13 @@ class Progress:
                      train_seconds / iteration, eta)
 
     @staticmethod
-    def validation(row: dict, improved: bool, train_seconds: float) -> None:
-        """The log line of one validation (`row`: its metrics.csv row)."""
+    def validation(row: dict, improved: bool, train_seconds: float, validated: bool = True) -> None:
+        """The log line of one validation (`row`: its metrics.csv row; `validated=False`: the run has no validation
+        split, the line has the training averages only)."""
+        if not validated:
+            log.info("iter %d: train loss %.4f | no validation (dataset.split has no validation characters) | "
+                     "%.1fs", row["iteration"], row["train_loss"], train_seconds)
+            return
         accuracy = "" if math.isnan(row["val_accuracy"]) else f" acc {100 * row['val_accuracy']:.2f}%"
         log.info("iter %d: train loss %.4f | val loss %.4f%s%s | %.1fs", row["iteration"], row["train_loss"],
                  row["val_loss"], accuracy, " (best)" if improved else "", train_seconds)

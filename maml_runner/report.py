@@ -37,8 +37,8 @@ def learning_curves_figure(series: dict[str, list[dict]], title: str = ""):
     """Train/val loss (and accuracy when present) against iteration; one line per series (a run's metrics rows)."""
     from matplotlib.figure import Figure
 
-    has_acc = any(math.isfinite(v) for rows in series.values()
-                  for v in _finite(r.get("val_accuracy") for r in rows))
+    has_acc = any(math.isfinite(v) for rows in series.values()  # train accuracy too: a run without validation
+                  for key in ("val_accuracy", "train_accuracy") for v in _finite(r.get(key) for r in rows))
     fig = Figure(figsize=(11 if has_acc else 6, 4))
     axes = fig.subplots(1, 2 if has_acc else 1, squeeze=False)[0]
     for i, (label, rows) in enumerate(series.items()):
@@ -104,6 +104,12 @@ def adaptation_figure(algorithm, tasks, steps: int, x_range=(-5.0, 5.0), device=
     return fig
 
 
+def _no_validation_split(cfg: DictConfig) -> bool:
+    """Whether the run's dataset.split has a validation size of 0 (Omniglot's [n, 0, m])."""
+    split = OmegaConf.select(cfg, "dataset.split")
+    return split is not None and len(split) == 3 and split[1] == 0
+
+
 def _value(cfg: DictConfig, key: str):
     value = OmegaConf.select(cfg, key)
     return "null" if value is None else value
@@ -147,10 +153,12 @@ def write_report(cfg: DictConfig, run_dir: str | Path, row: dict | None = None, 
     if metrics.is_file() and read_csv(metrics):
         rows = read_csv(metrics, typed=True)
         save_figure(learning_curves_figure({"": rows}, str(_value(cfg, "name"))), run_dir / CURVES)
-        lines += ["## Learning curves", "", f"![learning curves]({CURVES})", "",
-                  f"Validation on {_value(cfg, 'train.val_tasks')} fixed tasks every "
-                  f"{_value(cfg, 'train.val_interval')} iterations, after {_value(cfg, 'eval.inner_steps')} "
-                  f"inner steps (metrics.csv).", ""]
+        how = (f"Validation on {_value(cfg, 'train.val_tasks')} fixed tasks every "
+               f"{_value(cfg, 'train.val_interval')} iterations, after {_value(cfg, 'eval.inner_steps')} "
+               f"inner steps (metrics.csv)." if not _no_validation_split(cfg) else
+               f"No validation (dataset.split has no validation characters): training averages every "
+               f"{_value(cfg, 'train.val_interval')} iterations (metrics.csv); the model tested is the last.")
+        lines += ["## Learning curves", "", f"![learning curves]({CURVES})", "", how, ""]
 
     n_plot = int(OmegaConf.select(cfg, "report.adaptation_tasks", default=3) or 0)
     if OmegaConf.select(cfg, "dataset.kind") == "sinusoid" and n_plot > 0:

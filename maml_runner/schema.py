@@ -41,6 +41,7 @@ POOLINGS = ("stride", "max")                   # model.pooling
 INITS = ("pytorch", "xavier")                  # model.init
 HEAD_INITS = ("same", "normal")                # model.head_init
 ACTIVATIONS = ("relu", "leaky_relu")           # model.activation
+HEAD_FEATURES = ("mean", "flatten")            # model.head_features (null: the pooling's own)
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,9 @@ class Conv4Config:
     init: str = required(one_of(*INITS))
     head_init: str = required(one_of(*HEAD_INITS))
     activation: str = required(one_of(*ACTIVATIONS))
+    head_features: Optional[str] = required(Allowed(
+        "null (mean for pooling=stride, flatten for pooling=max), mean or flatten", str,
+        lambda value: value in HEAD_FEATURES, optional=True))
 
 
 @dataclass

@@ -57,6 +57,9 @@ class Trainer:
         self.last_saved_iteration: int | None = None  # named when training has to stop on NaN
         self.signals = StopSignals()
         self.metrics_csv = MetricsCsv(self.run_dir)
+        # No validation source (Omniglot's dataset.split=[n, 0, m]): each val_interval still writes its metrics row
+        # (validation columns nan) and last.pt; there is never a best.pt.
+        self.validates = "validation" in self.sources
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def save(self, name: str) -> Path:
@@ -87,7 +90,8 @@ class Trainer:
         cfg, state = self.cfg.train, self.state
         total, interval, batch = int(cfg.iterations), int(cfg.val_interval), int(cfg.meta_batch_size)
         val_tasks = [t.to(self.device) for t in
-                     self.sources["validation"].fixed_tasks(int(cfg.val_tasks), int(self.cfg.eval.seed) + 1)]
+                     self.sources["validation"].fixed_tasks(int(cfg.val_tasks), int(self.cfg.eval.seed) + 1)] \
+            if self.validates else []
         # Drop TensorBoard events a killed run wrote after the checkpoint we continue from (steps > iteration).
         tensorboard = TensorBoard(self.run_dir / "tb", purge_step=state.iteration + 1)
         if state.iteration == 0:  # a fresh start: no stale rows from an earlier attempt in this directory
@@ -113,7 +117,7 @@ class Trainer:
                         state.add_step(stats)
                     else:  # raises unless train.nan_policy=skip
                         nan_policy.non_finite(stats, state, last_good_checkpoint(
-                            state.metrics_rows, self.last_saved_iteration, self.checkpoint_dir))
+                            state.metrics_rows, self.last_saved_iteration, self.checkpoint_dir, self.validates))
                     if state.iteration % int(cfg.log_interval) == 0:
                         tensorboard.train_step(state.iteration, stats, state.train_seconds / state.iteration)
                     progress.step(state.iteration, stats["loss"], state.best_val_loss, state.train_seconds,
@@ -128,16 +132,17 @@ class Trainer:
                 tensorboard.close()
 
     def _validate(self, val_tasks, tensorboard: TensorBoard) -> None:
-        result = evaluate(self.algorithm, val_tasks, int(self.cfg.eval.inner_steps), self.device)
+        result = evaluate(self.algorithm, val_tasks, int(self.cfg.eval.inner_steps), self.device) \
+            if self.validates else None  # None: the row's validation columns are nan
         row = self.state.end_interval(result)
         self.metrics_csv.write(self.state.metrics_rows)
         tensorboard.validation(row)
-        improved = row["val_loss"] < self.state.best_val_loss
+        improved = row["val_loss"] < self.state.best_val_loss  # never with no validation (nan < x is false)
         if improved:
             self.state.best_val_loss = row["val_loss"]
             self.save(BEST)
         self.save(LAST)
-        Progress.validation(row, improved, self.state.train_seconds)
+        Progress.validation(row, improved, self.state.train_seconds, self.validates)
 
     # ---- test --------------------------------------------------------------------------------------
     def test(self, which: str | None = None) -> dict:

@@ -130,6 +130,8 @@ def main() -> int:
         ("negative shots", [*good, "dataset.shots=-1"]),
         ("ways > classes in a split", [*good, "dataset.ways=4"]),
         ("shots + query_shots > 20", [*good, "dataset.shots=15", "dataset.query_shots=10"]),
+        ("best checkpoint without validation characters", ["experiment=nichol2018_reptile_5w1s",
+                                                           "eval.checkpoint=best"]),
         ("missing data root", ["dataset=omniglot_5w1s", f"dataset.root={tmp / 'nowhere'}"]),
         ("missing one of the two zips", missing_zip),
         ("corrupt zip", corrupt_zip),

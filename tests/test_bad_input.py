@@ -66,6 +66,15 @@ def test_wrong_type_is_one_line_and_writes_no_run_files(tmp_path):
     assert not {p.name for p in tmp_path.iterdir()} - {".hydra", "cli.log"}  # only Hydra's own bookkeeping
 
 
+def test_best_checkpoint_without_validation_characters_is_refused_before_anything_is_written(tmp_path):
+    """eval.checkpoint=best needs validation; dataset.split=[1200, 0, 423] (the nichol2018 presets) has none."""
+    result = run_cli("experiment=nichol2018_reptile_5w1s", "eval.checkpoint=best", f"hydra.run.dir={tmp_path}")
+    assert_one_line_error(result, re.escape("eval.checkpoint=best needs validation characters, but "
+                                            "dataset.split=[1200, 0, 423] has none (validation size 0): use "
+                                            "eval.checkpoint=last, or a validation size >= 1"))
+    assert not {p.name for p in tmp_path.iterdir()} - {".hydra", "cli.log"}  # only Hydra's own bookkeeping
+
+
 def test_output_directory_that_cannot_be_created(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

@@ -327,6 +327,17 @@ def test_fast_path_on_three_channel_max_pool_network(cls):
     _assert_same_step(cls, make, tasks, "classification", inner_lr=0.3, inner_steps=2)
 
 
+@pytest.mark.parametrize("cls", [MAML, MetaSGD, ANIL, Reptile, MAMLPlusPlus])
+def test_fast_path_with_flattened_head_features(omniglot, cls):
+    """model.head_features=flatten on the stride-2 network (supervised-reptile's head: the 2x2 feature map
+    flattened, not averaged): the task-grouped step equals the per-task loop in float64."""
+    random.seed(11)
+    tasks = _double(cached_episodes(omniglot["train"]).sample_batch(3))
+    make = lambda: Conv4(3, hidden=6, padding="tf_same", head_features="flatten").double()  # noqa: E731
+    assert make().head.in_features == 6 * 2 * 2  # 28 -> 14 -> 7 -> 4 -> 2
+    _assert_same_step(cls, make, tasks, "classification", inner_lr=0.3, inner_steps=2)
+
+
 @pytest.mark.parametrize("cls", [MetaSGD, ANIL, Reptile])
 def test_fast_path_equals_per_task_loop_sinusoid(cls):
     random.seed(5)
@@ -369,6 +380,9 @@ def test_metasgd_per_parameter_rates_under_vmap():
     (lambda: Conv4(4, hidden=5, padding="tf_same", bn_scale=False, bn_eps=1e-3), (1, 28, 28)),
     (lambda: Conv4(4, hidden=5, bn="none", activation="leaky_relu"), (1, 28, 28)),
     (lambda: Conv4(4, in_channels=3, hidden=5, image_size=20, pooling="max"), (3, 20, 20)),  # miniImageNet's kind
+    (lambda: Conv4(4, hidden=5, padding="tf_same", head_features="flatten"), (1, 28, 28)),  # supervised-reptile
+    (lambda: Conv4(4, hidden=5, layers=3, image_size=20, head_features="flatten"), (1, 20, 20)),  # 5 * 3 * 3
+    (lambda: Conv4(4, in_channels=3, hidden=5, image_size=20, pooling="max", head_features="mean"), (3, 20, 20)),
     (lambda: MLP(hidden=(7, 6)), (1,)),
     (lambda: build_model(OmegaConf.create(dict(name="mlp", hidden=[6])),
                          OmegaConf.create(dict(kind="omniglot", ways=4, image_size=8))), (1, 8, 8)),  # _FlatMLP

@@ -412,6 +412,63 @@ def test_nichol2018_presets_run_the_released_inner_optimizer():
     assert cfg.dataset.eval_query_shots == 1 and cfg.model.bn_eps == 1e-3 and cfg.model.padding == "tf_same"
 
 
+@pytest.mark.parametrize("setting", ["5w1s", "5w5s", "20w1s", "20w5s"])
+def test_nichol2018_presets_split_test_the_last_model_and_flatten_the_head(setting):
+    """run_omniglot.py: split_dataset(num_train=1200) with no validation set, the model as training left it, and
+    OmniglotModel's tf.reshape of the 2x2x64 feature map into the dense layer."""
+    cfg = compose_config([f"experiment=nichol2018_reptile_{setting}"])
+    validate(cfg)
+    assert list(cfg.dataset.split) == [1200, 0, 423] and cfg.eval.checkpoint == "last"
+    assert cfg.model.head_features == "flatten" and cfg.model.pooling == "stride"
+    from maml_runner.models import build_model
+    model = build_model(cfg.model, cfg.dataset)
+    assert model.head.in_features == 64 * 2 * 2 and model.head.out_features == int(setting.split("w")[0])
+    assert not any(isinstance(m, torch.nn.AdaptiveAvgPool2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("kwargs,features", [
+    (dict(), 8),                                                      # pooling=stride: its own spatial mean
+    (dict(head_features="mean"), 8),
+    (dict(head_features="flatten"), 8 * 2 * 2),                       # 28 -> 14 -> 7 -> 4 -> 2
+    (dict(head_features="flatten", padding="tf_same"), 8 * 2 * 2),
+    (dict(head_features="flatten", image_size=40), 8 * 3 * 3),        # 40 -> 20 -> 10 -> 5 -> 3
+    (dict(head_features="flatten", layers=2), 8 * 7 * 7),             # 28 -> 14 -> 7
+    (dict(pooling="max"), 8 * 1 * 1),                                 # pooling=max: its own flatten
+    (dict(pooling="max", image_size=84, in_channels=3), 8 * 5 * 5),   # 84 -> 42 -> 21 -> 10 -> 5
+    (dict(pooling="max", head_features="mean", image_size=84, in_channels=3), 8),
+])
+def test_head_features_size_the_head_from_the_last_feature_map(kwargs, features):
+    """model.head_features: the head's inputs are the body's actual output (computed, for any size and depth)."""
+    net = Conv4(5, hidden=8, **kwargs)
+    size = kwargs.get("image_size", 28)
+    body = net.body(torch.rand(2, kwargs.get("in_channels", 1), size, size))
+    assert body.shape == (2, features) and net.head.in_features == features
+    assert net(torch.rand(2, kwargs.get("in_channels", 1), size, size)).shape == (2, 5)
+
+
+def test_head_features_default_keeps_each_pooling_s_own_network():
+    """null (conf/model/conv4.yaml) builds the network every earlier config built: same modules, same parameters."""
+    cfg = compose_config(["dataset=omniglot_5w1s"])
+    assert cfg.model.head_features is None
+    from maml_runner.models import build_model
+    for pooling, own in (("stride", "mean"), ("max", "flatten")):
+        cfg.model.pooling = pooling
+        torch.manual_seed(0)
+        default = build_model(cfg.model, cfg.dataset)
+        torch.manual_seed(0)
+        explicit = Conv4(5, pooling=pooling, head_features=own)
+        assert [type(m) for m in default.body] == [type(m) for m in explicit.body]
+        assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), explicit.state_dict().values()))
+
+
+def test_bad_head_features_is_one_line_error():
+    cfg = compose_config(["dataset=omniglot_5w1s", "model.head_features=max"])
+    with pytest.raises(UserError) as error:
+        validate(cfg)
+    assert str(error.value) == ("model.head_features='max' is invalid: expected null (mean for pooling=stride, "
+                                "flatten for pooling=max), mean or flatten")
+
+
 # ---- MAML++'s network and preset ----------------------------------------------------------------------------------------
 def test_max_pool_network_shapes_and_task_grouped_gradients():
     torch.manual_seed(0)

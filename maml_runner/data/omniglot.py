@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import RESIZE_MODES, check_value
+from ..config import RESIZE_MODES, check_omniglot_split, check_value
 from ..errors import DataError, UserError
 from ..io import atomic_write, atomic_write_text
 from ..schema import BOOL, INK
@@ -218,13 +218,14 @@ def load_omniglot(root, image_size: int = 28, cache_dir=None, download: bool = F
 
 # ---- split -----------------------------------------------------------------------------------------------------
 def split_characters(num_characters: int, split, seed: int) -> dict[str, np.ndarray]:
-    """Character ids per partition from one seeded shuffle (Finn et al.: 1100 / 100 / 423 of 1623).
+    """Character ids per partition from one seeded shuffle (Finn et al.: 1100 / 100 / 423 of 1623). A validation
+    size of 0 (supervised-reptile's 1200 / 0 / 423: no validation set) gives an empty validation partition.
 
-    A smaller dataset (a test fixture) gets the same proportions, at least one character per partition.
+    A smaller dataset (a test fixture) gets the same proportions, at least one character per non-empty partition.
     """
     sizes = [int(s) for s in split]
     if sum(sizes) != num_characters:
-        scaled = [max(1, int(round(s * num_characters / sum(sizes)))) for s in sizes]
+        scaled = [0 if s == 0 else max(1, int(round(s * num_characters / sum(sizes)))) for s in sizes]
         scaled[0] = num_characters - sum(scaled[1:])
         if scaled[0] < 1:
             raise DataError(f"Omniglot under dataset.root has only {num_characters} characters; need at least "
@@ -379,6 +380,7 @@ def check_task_shape(dataset_cfg) -> None:
 
 
 def check_ways(dataset_cfg, split_sizes: dict[str, int]) -> None:
+    split_sizes = {name: size for name, size in split_sizes.items() if size > 0}  # an empty validation is no split
     smallest = min(split_sizes, key=split_sizes.get)
     if int(dataset_cfg.ways) > split_sizes[smallest]:
         raise DataError(f"dataset.ways={int(dataset_cfg.ways)} exceeds the {split_sizes[smallest]} characters of the "
@@ -386,7 +388,8 @@ def check_ways(dataset_cfg, split_sizes: dict[str, int]) -> None:
 
 
 def build_omniglot(dataset_cfg) -> dict[str, OmniglotTasks]:
-    """Episode sources for the train / validation / test characters."""
+    """Episode sources for the train / validation / test characters (no "validation" entry when dataset.split's
+    validation size is 0)."""
     check_task_shape(dataset_cfg)
     ink = check_ink(dataset_cfg)
     as_classes = dataset_cfg.get("rotations_as_classes", False)
@@ -394,13 +397,16 @@ def build_omniglot(dataset_cfg) -> dict[str, OmniglotTasks]:
     data = load_omniglot(dataset_cfg.root, int(dataset_cfg.get("image_size", 28)), dataset_cfg.get("cache_dir"),
                          bool(dataset_cfg.get("download", False)), str(dataset_cfg.get("image_resize", "lanczos")))
     seed = int(dataset_cfg.get("split_seed", 1))
-    split = split_characters(data.num_characters, dataset_cfg.get("split", (1100, 100, 423)), seed)
+    sizes = check_omniglot_split(dataset_cfg.get("split", (1100, 100, 423)))
+    split = split_characters(data.num_characters, sizes, seed)
     check_ways(dataset_cfg, {name: len(ids) for name, ids in split.items()})
     degrees = tuple(dataset_cfg.get("rotations", (0, 90, 180, 270)))
     eval_degrees = dataset_cfg.get("eval_rotations")
     eval_degrees = degrees if eval_degrees is None else tuple(eval_degrees)  # MAML++/Reptile: test classes unrotated
     sources = {}
     for name, ids in split.items():
+        if len(ids) == 0:  # dataset.split=[..., 0, ...]: no validation source; the trainer then validates nothing
+            continue
         mask = torch.zeros(data.num_characters, dtype=torch.bool)
         mask[torch.as_tensor(ids)] = True
         keep = mask[data.labels]

@@ -82,6 +82,35 @@ def test_split_is_disjoint_complete_and_seeded():
     assert sum(len(v) for v in small.values()) == 20 and min(len(v) for v in small.values()) >= 1
 
 
+def test_split_with_no_validation_set():
+    """supervised-reptile's split_dataset(num_train=1200): 1,200 training and 423 test characters, no validation."""
+    split = split_characters(1623, [1200, 0, 423], seed=1)
+    assert {k: len(v) for k, v in split.items()} == {"train": 1200, "validation": 0, "test": 423}
+    assert len(set(split["train"]) | set(split["test"])) == 1623
+    small = split_characters(20, [1200, 0, 423], seed=1)  # a fixture: the proportions, and still no validation
+    assert {k: len(v) for k, v in small.items()} == {"train": 15, "validation": 0, "test": 5}
+
+
+def test_no_validation_source_when_the_validation_size_is_zero(fake_root, tmp_path):
+    sources = build_omniglot(dataset_cfg(fake_root, tmp_path, split=[1200, 0, 423], ways=5))
+    assert set(sources) == {"train", "test"}
+    assert (sources["train"].num_classes, sources["test"].num_classes) == (15, 5)
+    sources["train"].write_split(tmp_path / "split.json")
+    import json
+    payload = json.loads((tmp_path / "split.json").read_text())
+    assert payload["validation"] == [] and len(payload["train"]) + len(payload["test"]) == N_CHARS
+    with pytest.raises(DataError, match=r"^dataset.ways=6 exceeds the 5 characters of the test split; allowed: 1..5$"):
+        build_omniglot(dataset_cfg(fake_root, tmp_path, split=[1200, 0, 423], ways=6))
+
+
+@pytest.mark.parametrize("split", [[1200, -1, 423], [0, 100, 423], [1200, 423], [1200, 0, 0], [1200.5, 0, 423]])
+def test_bad_split_is_one_line_error(fake_root, tmp_path, split):
+    with pytest.raises(UserError) as raised:
+        build_omniglot(dataset_cfg(fake_root, tmp_path, split=split))
+    assert str(raised.value) == (f"dataset.split={split} is invalid: expected three character counts [train, "
+                                 f"validation, test], train and test >= 1, validation >= 0 (0: no validation set)")
+
+
 def test_episode_shapes_labels_and_disjoint_support_query(sources):
     source = sources["train"]
     assert source.num_classes == 12
