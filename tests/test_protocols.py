@@ -415,10 +415,11 @@ def test_nichol2018_presets_run_the_released_inner_optimizer():
 @pytest.mark.parametrize("setting", ["5w1s", "5w5s", "20w1s", "20w5s"])
 def test_nichol2018_presets_split_test_the_last_model_and_flatten_the_head(setting):
     """run_omniglot.py: split_dataset(num_train=1200) with no validation set, the model as training left it, and
-    OmniglotModel's tf.reshape of the 2x2x64 feature map into the dense layer."""
+    OmniglotModel's tf.reshape of the 2x2x64 feature map into the dense layer; 10,000 test tasks."""
     cfg = compose_config([f"experiment=nichol2018_reptile_{setting}"])
     validate(cfg)
     assert list(cfg.dataset.split) == [1200, 0, 423] and cfg.eval.checkpoint == "last"
+    assert cfg.eval.num_tasks == 10000  # evaluate(num_samples=--eval-samples), default 10,000
     assert cfg.model.head_features == "flatten" and cfg.model.pooling == "stride"
     from maml_runner.models import build_model
     model = build_model(cfg.model, cfg.dataset)
