@@ -222,20 +222,27 @@ def validate(cfg: DictConfig) -> None:
 
 # ---- configs saved by earlier versions ------------------------------------------------------------------------
 REMOVED_KEYS = ("eval.meta_batch_size",)  # read by nothing (issue 15); checkpoints written before still hold it
+# Keys added since, with the value that behaves as runs saved before them did (conf/config.yaml's default).
+ADDED_KEYS = {"eval.ensemble_size": 5}  # only read with eval.checkpoint=ensemble, which did not exist before
 
 
 def upgrade_saved(saved: dict) -> dict:
     """A checkpoint's saved config as this version would save it: the algorithm's `_target_` (from
-    conf/algorithm/<name>.yaml) when it predates `_target_`; without REMOVED_KEYS and without algorithm keys its
-    class no longer has (pretrain's inner_steps/first_order, reptile's outer_lr, ...; dataset presets' inner_steps,
-    inner_lr, outer_lr stay: they are still set). Resume compares against it (checkpoint.config_differences) and
-    eval.only starts from it. An algorithm that cannot be found leaves the config as it was."""
+    conf/algorithm/<name>.yaml) when it predates `_target_`; with ADDED_KEYS' values where it lacks them; without
+    REMOVED_KEYS and without algorithm keys its class no longer has (pretrain's inner_steps/first_order, reptile's
+    outer_lr, ...; dataset presets' inner_steps, inner_lr, outer_lr stay: they are still set). Resume compares
+    against it (checkpoint.config_differences) and eval.only starts from it. An algorithm that cannot be found
+    leaves the config as it was."""
     import copy
     upgraded = copy.deepcopy(saved)
     for key in REMOVED_KEYS:
         section, _, name = key.partition(".")
         if isinstance(upgraded.get(section), dict):
             upgraded[section].pop(name, None)
+    for key, value in ADDED_KEYS.items():
+        section, _, name = key.partition(".")
+        if isinstance(upgraded.get(section), dict):
+            upgraded[section].setdefault(name, value)
     algorithm = upgraded.get("algorithm")
     if not isinstance(algorithm, dict):
         return upgraded
