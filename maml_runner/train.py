@@ -162,8 +162,9 @@ class Trainer:
             row, result = self.evaluate_members(chosen)
         else:
             if which == ensemble.ENSEMBLE:
-                log.warning("eval.checkpoint=ensemble: no checkpoint in %s (no finite validation was reached): "
-                            "testing %s instead", ensemble.top_dir(self.checkpoint_dir), LAST)
+                log.warning("eval.checkpoint=ensemble: no checkpoint in %s (no finite validation was reached, or "
+                            "the run trained with another eval.checkpoint): testing %s instead",
+                            ensemble.top_dir(self.checkpoint_dir), LAST)
                 which = "last"
             which, path = checkpoint_to_test(self.checkpoint_dir, which)
             row, result = self.evaluate_checkpoint(path, which)

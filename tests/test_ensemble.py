@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from conftest import assert_same_csv_rows, compose_config
 from maml_runner import train as train_module
 from maml_runner.ablation import run_ablation
-from maml_runner.checkpoint import load_algorithm, load_checkpoint
+from maml_runner.checkpoint import config_differences, load_algorithm, load_checkpoint, save_checkpoint
 from maml_runner.ensemble import ranked_validations
 from maml_runner.errors import UserError
 from maml_runner.eval_only import evaluate_only
 from maml_runner.io import read_csv
-from maml_runner.train import build, run
+from maml_runner.train import build, run, without_mode_keys
 
 K = 3
 SMALL = ["train.iterations=40", "train.val_interval=5", "train.val_tasks=6", "train.meta_batch_size=2",
@@ -212,3 +212,16 @@ def test_eval_only_refuses_a_run_without_kept_checkpoints_and_a_file(tmp_path):
     with pytest.raises(UserError, match=r"eval.checkpoint=ensemble tests the checkpoints a run directory kept in "
                                         r"checkpoints/top/; name the run directory, not a file$"):
         retest(tmp_path / "best_run" / "checkpoints" / "best.pt", tmp_path, "eval.checkpoint=ensemble")
+
+
+def test_runs_saved_before_the_key_existed_resume_and_retest_unchanged(tmp_path):
+    """A checkpoint whose config lacks eval.ensemble_size (written before it existed) matches today's default config
+    (no resume difference) and can still be re-tested."""
+    run(compose_config(SINUSOID), tmp_path / "old")
+    last = tmp_path / "old" / "checkpoints" / "last.pt"
+    payload = load_checkpoint(last)
+    del payload["config"]["eval"]["ensemble_size"]
+    save_checkpoint(last, payload)
+    assert config_differences(load_checkpoint(last)["config"], without_mode_keys(compose_config(SINUSOID))) == []
+    row = retest(tmp_path / "old", tmp_path, "eval.checkpoint=last", "eval.num_tasks=4")
+    assert row["checkpoint"] == "last" and row["n_tasks"] == 4
