@@ -225,3 +225,13 @@ def test_runs_saved_before_the_key_existed_resume_and_retest_unchanged(tmp_path)
     assert config_differences(load_checkpoint(last)["config"], without_mode_keys(compose_config(SINUSOID))) == []
     row = retest(tmp_path / "old", tmp_path, "eval.checkpoint=last", "eval.num_tasks=4")
     assert row["checkpoint"] == "last" and row["n_tasks"] == 4
+
+
+def test_temporaries_of_a_kill_mid_write_in_top_are_removed_at_the_next_start(tmp_path):
+    from maml_runner.io import remove_stale_temporaries
+    top = tmp_path / "checkpoints" / "top"
+    top.mkdir(parents=True)
+    (top / ".iter_10.pt.x1y2.tmp").write_bytes(b"half")
+    (top / "iter_5.pt").write_bytes(b"kept")
+    assert remove_stale_temporaries(tmp_path) == [top / ".iter_10.pt.x1y2.tmp"]
+    assert [p.name for p in top.iterdir()] == ["iter_5.pt"]
