@@ -11,13 +11,10 @@ checkpoints; it evaluates nothing.
 """
 from __future__ import annotations
 
-import logging
 import math
 import re
 from pathlib import Path
 from typing import Callable
-
-log = logging.getLogger(__name__)
 
 ENSEMBLE = "ensemble"  # the eval.checkpoint value
 TOP_DIR = "top"        # <run>/checkpoints/top/
