@@ -22,7 +22,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .checkpoint import LAST, load_algorithm, load_checkpoint
 from .errors import UserError
-from .evaluate import evaluate
+from .ensemble import ENSEMBLE, describe, kept_iterations, top_dir
+from .ensemble import members as ensemble_members
+from .evaluate import evaluate, evaluate_ensemble
 from .io import atomic_write_text, read_csv, write_csv
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,14 @@ def _from_runs(cfg: DictConfig) -> dict[int, tuple[Path, dict]]:
     which = str(cfg.eval.checkpoint)
     for item in value:
         path = Path(str(item)).expanduser()
-        checkpoint = path if path.is_file() else path / "checkpoints" / f"{which}.pt"
+        name = f"{which}.pt"
+        if which == ENSEMBLE:  # the run's kept checkpoints; last.pt holds the config and the validation rows
+            if not path.is_dir() or not kept_iterations(path / "checkpoints"):
+                raise UserError(f"ablation.from_runs: no checkpoints in '{top_dir(path / 'checkpoints')}' "
+                                f"(eval.checkpoint=ensemble needs run directories trained with it); use "
+                                f"eval.checkpoint=best or last")
+            name = LAST
+        checkpoint = path if path.is_file() else path / "checkpoints" / name
         if not checkpoint.is_file() and path.is_dir():
             checkpoint = path / "checkpoints" / LAST
         if not checkpoint.is_file():
@@ -94,7 +103,21 @@ def _train_or_reuse(cfg: DictConfig, sub_dir: Path) -> Path:
     # An existing run continues (or, finished with the same config, is reused as is: run() skips it).
     cfg.train.resume = str(sub_dir) if (sub_dir / "checkpoints" / LAST).is_file() else False
     row = run(cfg, sub_dir)
-    return sub_dir / "checkpoints" / f"{row.get('checkpoint') or cfg.eval.checkpoint}.pt"
+    which = row.get("checkpoint") or cfg.eval.checkpoint
+    return sub_dir / "checkpoints" / (LAST if which == ENSEMBLE else f"{which}.pt")  # ensemble: _members reads it
+
+
+def _members(cfg: DictConfig, checkpoint: Path, task_type: str) -> list[Path]:
+    """eval.checkpoint=ensemble: the kept checkpoints of the run `checkpoint` (its last.pt) belongs to, ranked by
+    its validations (ensemble.members); empty otherwise, or when the run kept none (its test used last.pt)."""
+    if str(cfg.eval.checkpoint) != ENSEMBLE or checkpoint.name != LAST:
+        return []
+    rows = list(load_checkpoint(checkpoint).get("metrics_rows") or [])
+    chosen = ensemble_members(checkpoint.parent, rows, int(cfg.eval.ensemble_size), task_type)
+    if chosen:
+        log.info("ablation: %s: ensemble of iterations %s", checkpoint.parent.parent,
+                 describe(chosen, int(cfg.eval.ensemble_size), task_type))
+    return [path for _, path, _ in chosen]
 
 
 def _report(cfg: DictConfig, run_dir: Path) -> None:
@@ -146,11 +169,16 @@ def run_ablation(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
         algorithm = build_algorithm(model, sub_cfg.algorithm, sources["train"].task_type,
                                     int(sub_cfg.train.iterations), train_source=sources["train"]).to(device)
         load_algorithm(algorithm, checkpoint, map_location=device)
+        members = _members(cfg, checkpoint, algorithm.task_type)
         for e in eval_steps:
-            result = evaluate(algorithm, tasks, e, device)
+            if members:  # every member's outputs on the same tasks, averaged (ensemble.py)
+                result = evaluate_ensemble(algorithm, members, lambda: iter(tasks), e, device)
+            else:
+                result = evaluate(algorithm, tasks, e, device)
             metric = "mse" if algorithm.task_type == "regression" else "accuracy"
             rows.append({"train_steps": t, "eval_steps": e, "metric": metric, **result.summary("test"),
-                         "n_tasks": result.n_tasks, "eval_seed": seed, "checkpoint": str(checkpoint)})
+                         "n_tasks": result.n_tasks, "eval_seed": seed,
+                         "checkpoint": " + ".join(map(str, members)) if members else str(checkpoint)})
             task_rows += [{"train_steps": t, "eval_steps": e, **r} for r in result.task_rows()]
             log.info("ablation: train %d / eval %d steps: test loss %.4g%s", t, e, rows[-1]["test_loss"],
                      "" if metric == "mse" else f", accuracy {100 * rows[-1]['test_accuracy']:.2f}%")

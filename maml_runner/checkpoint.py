@@ -242,5 +242,8 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: str | Path) -> Path | None:
 
 
 def checkpoint_run_dir(checkpoint: Path, default: Path) -> Path:
-    """The run directory a checkpoint belongs to (`<run>/checkpoints/x.pt`), else `default`."""
+    """The run directory a checkpoint belongs to (`<run>/checkpoints/x.pt`, or `<run>/checkpoints/top/x.pt`: kept
+    for eval.checkpoint=ensemble), else `default`."""
+    if checkpoint.parent.name == "top" and checkpoint.parent.parent.name == "checkpoints":
+        return checkpoint.parent.parent.parent
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else Path(default)

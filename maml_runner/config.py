@@ -241,18 +241,22 @@ def check_omniglot_split(split) -> list[int]:
 
 # ---- configs saved by earlier versions ------------------------------------------------------------------------
 REMOVED_KEYS = ("eval.meta_batch_size",)  # read by nothing (issue 15); checkpoints written before still hold it
-# Keys added since runs were first saved, with the dataset kinds they belong to and the value that does what the
-# code did before the key existed: a checkpoint saved without them is compared as if it had them (a resumed
-# 2026-11-25 Omniglot run would otherwise warn "dataset.ink: None -> 1" and train.resume=true would not find it).
-ADDED_KEYS = (("dataset.ink", ("omniglot",), 1), ("dataset.rotations_as_classes", ("omniglot",), False))
+# Keys added since runs were first saved, with the dataset kinds they belong to (None: any) and the value that does
+# what the code did before the key existed (conf/config.yaml's default): a checkpoint saved without them is compared
+# as if it had them, so resume and train.resume=true see no difference (a resumed 2026-11-25 Omniglot run would
+# otherwise warn "dataset.ink: None -> 1"). eval.ensemble_size is only read with eval.checkpoint=ensemble, which did
+# not exist before.
+ADDED_KEYS = (("dataset.ink", ("omniglot",), 1), ("dataset.rotations_as_classes", ("omniglot",), False),
+              ("eval.ensemble_size", None, 5))
 
 
 def upgrade_saved(saved: dict) -> dict:
-    """A checkpoint's saved config as this version would save it: ADDED_KEYS filled in; the algorithm's `_target_` (from
-    conf/algorithm/<name>.yaml) when it predates `_target_`; without REMOVED_KEYS and without algorithm keys its
-    class no longer has (pretrain's inner_steps/first_order, reptile's outer_lr, ...; dataset presets' inner_steps,
-    inner_lr, outer_lr stay: they are still set). Resume compares against it (checkpoint.config_differences) and
-    eval.only starts from it. An algorithm that cannot be found leaves the config as it was."""
+    """A checkpoint's saved config as this version would save it: the algorithm's `_target_` (from
+    conf/algorithm/<name>.yaml) when it predates `_target_`; with ADDED_KEYS' values where it lacks them; without
+    REMOVED_KEYS and without algorithm keys its class no longer has (pretrain's inner_steps/first_order, reptile's
+    outer_lr, ...; dataset presets' inner_steps, inner_lr, outer_lr stay: they are still set). Resume compares
+    against it (checkpoint.config_differences) and eval.only starts from it. An algorithm that cannot be found
+    leaves the config as it was."""
     import copy
     upgraded = copy.deepcopy(saved)
     for key in REMOVED_KEYS:

@@ -10,8 +10,10 @@ directory:
   results_eval_<checkpoint>_<steps>steps_<n>tasks_seed<seed>.csv     one row, the columns of results.csv
   test_tasks_eval_<checkpoint>_<steps>steps_<n>tasks_seed<seed>.csv  per task, as test_tasks.csv
 
-The name holds everything that decides the numbers, so a different test never replaces another one; the same test
-again rewrites its file atomically. Checkpoints are only read.
+<checkpoint> is best, last, a .pt file's name, or ensemble<eval.ensemble_size> (eval.checkpoint=ensemble: the
+checkpoints the run kept in checkpoints/top/, ranked by its validations; a run without them is refused). The name
+holds everything that decides the numbers, so a different test never replaces another one; the same test again
+rewrites its file atomically. Checkpoints are only read.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import config as config_checks
 from . import runlock
 from .checkpoint import LAST, checkpoint_run_dir, load_checkpoint
+from .ensemble import ENSEMBLE, TOP_DIR, kept_iterations, top_dir
 from .errors import CheckpointError, UserError
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,8 @@ def is_eval_only(cfg: DictConfig) -> bool:
 
 
 def checkpoint_to_retest(cfg: DictConfig) -> tuple[Path, str, Path]:
-    """(checkpoint file, its name for the file names, the run directory to write into) from train.resume."""
+    """(checkpoint file, its name for the file names, the run directory to write into) from train.resume. For
+    eval.checkpoint=ensemble the file is the run's last.pt (its validation rows rank the kept checkpoints)."""
     from .train import checkpoint_to_test
 
     resume = OmegaConf.select(cfg, "train.resume")
@@ -53,6 +57,15 @@ def checkpoint_to_retest(cfg: DictConfig) -> tuple[Path, str, Path]:
         raise UserError(f"eval.only=true needs train.resume=<run dir or checkpoint .pt>, the trained run to test "
                         f"(got train.resume={str(resume).lower() if isinstance(resume, bool) else resume})")
     source = Path(str(resume)).expanduser()
+    if str(cfg.eval.checkpoint) == ENSEMBLE:
+        if not source.is_dir():
+            raise UserError(f"train.resume={resume}: eval.checkpoint=ensemble tests the checkpoints a run directory "
+                            f"kept in checkpoints/{TOP_DIR}/; name the run directory, not a file")
+        last = source / "checkpoints" / LAST
+        if not kept_iterations(source / "checkpoints") or not last.is_file():
+            raise UserError(f"train.resume={resume}: no checkpoints in '{top_dir(source / 'checkpoints')}' (kept only "
+                            f"by runs trained with eval.checkpoint=ensemble); use eval.checkpoint=best or last")
+        return last, ENSEMBLE, source
     if source.is_dir():
         which, path = checkpoint_to_test(source / "checkpoints", str(cfg.eval.checkpoint))
         if not path.is_file():
@@ -110,7 +123,10 @@ def retest_config(saved: dict, cfg: DictConfig, overrides: Sequence[str]) -> Dic
 
 
 def result_names(cfg: DictConfig, which: str) -> tuple[str, str]:
-    """results_eval_<...>.csv and test_tasks_eval_<...>.csv for this test's settings."""
+    """results_eval_<...>.csv and test_tasks_eval_<...>.csv for this test's settings (an ensemble's size is part of
+    its name: ensemble5)."""
+    if which == ENSEMBLE:
+        which = f"{ENSEMBLE}{int(cfg.eval.ensemble_size)}"
     tag = f"eval_{which}_{int(cfg.eval.inner_steps)}steps_{int(cfg.eval.num_tasks)}tasks_seed{int(cfg.eval.seed)}"
     return f"results_{tag}.csv", f"test_tasks_{tag}.csv"
 
@@ -141,7 +157,10 @@ def evaluate_only(cfg: DictConfig, output_dir: str | Path, overrides: Sequence[s
         trainer.state = TrainingState(iteration=int(state.get("iteration", 0)),
                                       train_seconds=float(state.get("train_seconds", 0.0)),
                                       metrics_rows=list(state.get("metrics_rows") or []))
-        row, result = trainer.evaluate_checkpoint(path, which)  # loads `path` (checkpoint.load_algorithm)
+        if which == ENSEMBLE:  # the run's kept checkpoints, ranked by last.pt's validation rows
+            row, result = trainer.evaluate_members(trainer.ensemble_members(run_dir / "checkpoints"))
+        else:
+            row, result = trainer.evaluate_checkpoint(path, which)  # loads `path` (checkpoint.load_algorithm)
         ResultsCsv(run_dir / results_name, result_columns(eval_cfg)).write(row)
         TestTasksCsv(run_dir / tasks_name).write(result)
     unit, scale = ("MSE", 1) if row["metric"] == "mse" else ("accuracy", 100)

@@ -1,13 +1,18 @@
-"""Test-time evaluation: adapt to each held-out task, report mean and 95 % confidence interval."""
+"""Test-time evaluation: adapt to each held-out task, report mean and 95 % confidence interval; or the same for the
+averaged outputs of several checkpoints (`evaluate_ensemble`, eval.checkpoint=ensemble)."""
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
+import torch
 
 from .algorithms.base import MetaAlgorithm
+from .checkpoint import load_algorithm
 from .data.base import Task
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,56 @@ def evaluate(algorithm: MetaAlgorithm, tasks: list[Task], inner_steps: int, devi
             accs.append(acc)
     finally:
         algorithm.train(was_training)
+    return _result(losses, accs, inner_steps)
+
+
+def evaluate_ensemble(algorithm: MetaAlgorithm, members: Sequence[Path], tasks: Callable[[], Iterable[Task]],
+                      inner_steps: int, device) -> EvalResult:
+    """Per-task query loss / accuracy of an ensemble (eval.checkpoint=ensemble): each member checkpoint is loaded
+    into `algorithm` in turn and adapted to every task with `inner_steps` steps; a task's query outputs (logits, or
+    the regression outputs) are averaged over the members, and its loss and accuracy computed from that average
+    (HowToTrainYourMAMLPytorch: `np.mean(per_model_per_batch_preds, axis=0)`, then the argmax).
+
+    Arguments:
+        members: checkpoint files written by maml-run for `algorithm`'s config (checkpoint.load_algorithm reads them).
+        tasks: returns a fresh iterator over the same fixed test tasks on each call (one pass per member), e.g.
+            `lambda: source.iter_fixed_tasks(n, seed)`: only the per-task outputs are held, not the tasks.
+    The sums are float64; the mean goes back to the outputs' dtype before scoring, so one member scores exactly as
+    `evaluate` on that checkpoint does.
+    """
+    if not members:
+        raise ValueError("evaluate_ensemble needs at least one member checkpoint")
+    was_training = algorithm.training
+    sums: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    dtype = None
+    try:
+        for index, path in enumerate(members):
+            load_algorithm(algorithm, path, map_location=device)
+            algorithm.eval()
+            seen = 0
+            for seen, task in enumerate(tasks(), start=1):
+                task = task.to(device)
+                outputs = algorithm.query_predictions(task, inner_steps)
+                dtype = outputs.dtype
+                if index == 0:
+                    sums.append(outputs.to(torch.float64))
+                    targets.append(task.query_y)
+                elif seen <= len(sums):
+                    sums[seen - 1] += outputs.to(torch.float64)
+            if seen != len(sums):  # the task stream must be the same for every member
+                raise RuntimeError(f"ensemble member {path} saw {seen} test tasks, the first member {len(sums)}")
+    finally:
+        algorithm.train(was_training)
+    losses, accs = [], []
+    for total, target in zip(sums, targets):
+        loss, acc = algorithm.score((total / len(members)).to(dtype), target)
+        losses.append(loss)
+        accs.append(acc)
+    return _result(losses, accs, inner_steps)
+
+
+def _result(losses: list[float], accs: list[float], inner_steps: int) -> EvalResult:
     losses = np.asarray(losses)
     diverged = int((~np.isfinite(losses)).sum())
     if diverged:  # the mean becomes nan: say why instead of leaving a bare nan in the tables

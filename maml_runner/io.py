@@ -64,10 +64,10 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     """Delete the temp files `atomic_write` leaves when its process is killed mid-write (`.<name>.<random>.tmp`)
-    in `directory` and its checkpoints/ folder. Only for a directory whose run lock this process holds: then no
+    in `directory`, its checkpoints/ folder and checkpoints/top/. Only for a directory whose run lock this process holds: then no
     other writer can own them. Returns what was removed."""
     removed = []
-    for folder in (Path(directory), Path(directory) / "checkpoints"):
+    for folder in (Path(directory), Path(directory) / "checkpoints", Path(directory) / "checkpoints" / "top"):
         for stale in folder.glob(".*.tmp") if folder.is_dir() else ():
             if stale.is_file():
                 stale.unlink(missing_ok=True)

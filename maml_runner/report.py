@@ -184,8 +184,9 @@ def _adaptation_plot(cfg, run_dir: Path, row: dict, algorithm, n_plot: int) -> N
 
     if algorithm is None:
         trainer = build(cfg, run_dir)
-        load_algorithm(trainer.algorithm, trainer.checkpoint_dir / f"{row.get('checkpoint') or 'best'}.pt",
-                       map_location=trainer.device)
+        which = row.get("checkpoint") or "best"
+        which = "best" if which == "ensemble" else which  # one model per figure; an ensemble's are in checkpoints/top/
+        load_algorithm(trainer.algorithm, trainer.checkpoint_dir / f"{which}.pt", map_location=trainer.device)
         algorithm, source, device = trainer.algorithm, trainer.sources["test"], trainer.device
     else:
         source, device = build_sources(cfg.dataset)["test"], next(algorithm.parameters()).device

@@ -125,7 +125,8 @@ class EvalConfig:
     inner_steps: int = required(POSITIVE_INT)
     num_tasks: int = required(POSITIVE_INT)
     seed: int = required(NON_NEGATIVE_INT)
-    checkpoint: str = required(one_of("best", "last"))
+    checkpoint: str = required(one_of("best", "last", "ensemble"))
+    ensemble_size: int = required(POSITIVE_INT)  # eval.checkpoint=ensemble: how many top validations (ensemble.py)
     only: bool = required(BOOL)
 
 

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from . import config as config_checks
-from . import runlock, runlog
+from . import ensemble, runlock, runlog
 from .algorithms import build_algorithm
 from .algorithms.base import MetaAlgorithm
 from .checkpoint import (BEST, LAST, checkpoint_run_dir, config_differences, find_resume_checkpoint,
@@ -24,7 +24,7 @@ from .data import build_sources
 from .data.base import EpisodeSource
 from .data.fast_episodes import cached_episodes
 from .errors import UserError
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_ensemble
 from .hardware import configure, peak_memory_mb, reset_peak_memory
 from .io import remove_stale_temporaries
 from .lifecycle import (NanPolicy, StopRequested, StopSignals, TimeBudget, TrainingState, best_validation,
@@ -47,7 +47,8 @@ def result_columns(cfg: DictConfig) -> list[str]:
 
 class Trainer:
     """Meta-trains `algorithm` on `sources["train"]` (`fit`), validating on fixed tasks and keeping best.pt/last.pt
-    in `<run_dir>/checkpoints`; `test` tests the checkpoint eval.checkpoint names on the fixed test tasks."""
+    in `<run_dir>/checkpoints` (and, with eval.checkpoint=ensemble, the best validations' checkpoints in
+    checkpoints/top/); `test` tests the checkpoint(s) eval.checkpoint names on the fixed test tasks."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, algorithm: MetaAlgorithm,
                  sources: dict[str, EpisodeSource], device: torch.device):
@@ -60,9 +61,13 @@ class Trainer:
         # No validation source (Omniglot's dataset.split=[n, 0, m]): each val_interval still writes its metrics row
         # (validation columns nan) and last.pt; there is never a best.pt.
         self.validates = "validation" in self.sources
+        # eval.checkpoint=ensemble: checkpoints/top/ holds the eval.ensemble_size best validations' states.
+        self.top = (ensemble.TopCheckpoints(self.checkpoint_dir, int(cfg.eval.ensemble_size), algorithm.task_type)
+                    if str(cfg.eval.checkpoint) == ensemble.ENSEMBLE else None)
 
     # ---- checkpoints -----------------------------------------------------------------------------------
-    def save(self, name: str) -> Path:
+    def save(self, name: str | Path) -> Path:
+        """Write the current state to checkpoints/<name> (an absolute path is used as it is)."""
         if name == LAST:
             self.last_saved_iteration = self.state.iteration
         # Task samplers with their own RNG (beyond the global streams in `rng`) expose state_dict/load_state_dict.
@@ -96,6 +101,10 @@ class Trainer:
         tensorboard = TensorBoard(self.run_dir / "tb", purge_step=state.iteration + 1)
         if state.iteration == 0:  # a fresh start: no stale rows from an earlier attempt in this directory
             self.metrics_csv.write(state.metrics_rows)
+        if self.top is not None:  # kept states of validations this run's rows do not have (after the resumed one)
+            for stale in self.top.prune(state.metrics_rows):
+                log.info("removed %s (not among the top %d validations of the state continued)", stale,
+                         self.top.size)
         nan_policy = NanPolicy(cfg.nan_policy)
         with self.signals:
             progress = Progress(total, state.iteration, self.algorithm.name, interval)
@@ -137,19 +146,33 @@ class Trainer:
         row = self.state.end_interval(result)
         self.metrics_csv.write(self.state.metrics_rows)
         tensorboard.validation(row)
+        if self.top is not None:
+            self.top.keep_current(self.state.metrics_rows, self.save)
         improved = row["val_loss"] < self.state.best_val_loss  # never with no validation (nan < x is false)
         if improved:
             self.state.best_val_loss = row["val_loss"]
             self.save(BEST)
         self.save(LAST)
+        if self.top is not None:  # after last.pt: a kill before this leaves an extra file, which resume prunes
+            self.top.prune(self.state.metrics_rows)
         Progress.validation(row, improved, self.state.train_seconds, self.validates)
 
     # ---- test --------------------------------------------------------------------------------------
     def test(self, which: str | None = None) -> dict:
-        """Test the checkpoint `which` (default eval.checkpoint) on the fixed test tasks; writes results.csv and
-        test_tasks.csv. Returns the results row (with `run_dir`)."""
-        which, path = checkpoint_to_test(self.checkpoint_dir, which or str(self.cfg.eval.checkpoint))
-        row, result = self.evaluate_checkpoint(path, which)
+        """Test the checkpoint `which` (default eval.checkpoint; `ensemble`: the kept top checkpoints) on the fixed
+        test tasks; writes results.csv and test_tasks.csv. Returns the results row (with `run_dir`)."""
+        which = which or str(self.cfg.eval.checkpoint)
+        chosen = self.ensemble_members() if which == ensemble.ENSEMBLE else []
+        if chosen:
+            row, result = self.evaluate_members(chosen)
+        else:
+            if which == ensemble.ENSEMBLE:
+                log.warning("eval.checkpoint=ensemble: no checkpoint in %s (no finite validation was reached, or "
+                            "the run trained with another eval.checkpoint): testing %s instead",
+                            ensemble.top_dir(self.checkpoint_dir), LAST)
+                which = "last"
+            which, path = checkpoint_to_test(self.checkpoint_dir, which)
+            row, result = self.evaluate_checkpoint(path, which)
         ResultsCsv(self.run_dir / RESULTS_FILE, result_columns(self.cfg)).write(row)
         TestTasksCsv(self.run_dir / TEST_TASKS_FILE).write(result)
         row["run_dir"] = str(self.run_dir)  # not a CSV column: tells the CLI where a resumed run wrote its files
@@ -160,9 +183,31 @@ class Trainer:
         The row's training columns (iterations_done, train_seconds, best_val_*) are `self.state`'s.
         Writes nothing (`test` writes results.csv, eval_only.evaluate_only its own files)."""
         load_algorithm(self.algorithm, path, map_location=self.device)
+        result = evaluate(self.algorithm, self.test_tasks(), int(self.cfg.eval.inner_steps), self.device)
+        return self.results_row(result, which), result
+
+    def ensemble_members(self, checkpoint_dir: Path | None = None) -> list[tuple[int, Path, dict]]:
+        """eval.checkpoint=ensemble's members: (iteration, file, validation row) of the eval.ensemble_size best
+        validations (`self.state`'s rows) kept in <checkpoint_dir, default this run's>/top/, best first."""
+        return ensemble.members(checkpoint_dir or self.checkpoint_dir, self.state.metrics_rows,
+                                int(self.cfg.eval.ensemble_size), self.algorithm.task_type)
+
+    def evaluate_members(self, chosen: list[tuple[int, Path, dict]]):
+        """Test the ensemble of `chosen` (`ensemble_members`) on the eval.num_tasks fixed test tasks, one pass per
+        member; returns (results row with checkpoint=ensemble, EvalResult). Writes nothing."""
+        log.info("eval.checkpoint=ensemble: averaging the test outputs of the checkpoints of iterations %s",
+                 ensemble.describe(chosen, int(self.cfg.eval.ensemble_size), self.algorithm.task_type))
+        result = evaluate_ensemble(self.algorithm, [path for _, path, _ in chosen], self.test_tasks,
+                                   int(self.cfg.eval.inner_steps), self.device)
+        return self.results_row(result, ensemble.ENSEMBLE), result
+
+    def test_tasks(self):
+        """A fresh pass over the eval.num_tasks fixed test tasks (eval.seed), one at a time, with a progress bar."""
         n_tasks = int(self.cfg.eval.num_tasks)
-        tasks = runlog.test_progress(self.sources["test"].iter_fixed_tasks(n_tasks, int(self.cfg.eval.seed)), n_tasks)
-        result = evaluate(self.algorithm, tasks, int(self.cfg.eval.inner_steps), self.device)
+        return runlog.test_progress(self.sources["test"].iter_fixed_tasks(n_tasks, int(self.cfg.eval.seed)), n_tasks)
+
+    def results_row(self, result, which: str) -> dict:
+        """The results.csv row of test `result` of checkpoint `which`; the training columns are `self.state`'s."""
         regression = self.algorithm.task_type == "regression"
         metric = "mse" if regression else "accuracy"
         mean, ci = result.loss if regression else result.accuracy
@@ -174,7 +219,7 @@ class Trainer:
                "iterations_done": state.iteration, "train_seconds": round(state.train_seconds, 3),
                "seconds_per_iteration": state.train_seconds / max(state.iteration, 1),
                "peak_memory_mb": round(peak_memory_mb(self.device), 1), "device": str(self.device)}
-        return row, result
+        return row
 
 
 def checkpoint_to_test(checkpoint_dir: Path, which: str) -> tuple[str, Path]:

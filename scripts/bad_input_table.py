@@ -147,13 +147,18 @@ def main() -> int:
         ("eval.only=true without a trained run to test", ["eval.only=true"]),
         ("eval.only=true changing what was trained", ["eval.only=true", f"train.resume={finished}",
                                                       "algorithm.inner_lr=0.1"]),
+        ("unknown eval.checkpoint", ["eval.checkpoint=foo"]),
+        ("zero ensemble size", ["eval.ensemble_size=0"]),
+        ("eval.checkpoint=ensemble on a run that kept no top checkpoints", [
+            "eval.only=true", f"train.resume={finished}", "eval.checkpoint=ensemble"]),
     ]
     setups = {"run directory in use by another maml-run": lambda: busy(tmp / "busy", pids)}
     print("# Bad input: what maml-run prints\n\n"
           "Produced by `.venv/bin/python scripts/bad_input_table.py > docs/bad_input.md` (a tiny synthetic Omniglot in a "
           "temporary\ndirectory; `<tmp>` stands for it). Each line is the last line on stderr; nothing else is printed "
           "and no result file is\nwritten half. The tests (`tests/test_bad_input.py`, `tests/test_checkpoint.py`, "
-          "`tests/test_train.py`, `tests/test_run_lock.py`, `tests/test_eval_only.py`) assert these messages.\n")
+          "`tests/test_train.py`, `tests/test_run_lock.py`, `tests/test_eval_only.py`, `tests/test_ensemble.py`) assert "
+          "these messages.\n")
     print("| bad input | command line (after `maml-run`) | message (stderr) | exit code |")
     print("|---|---|---|---|")
     for what, overrides in cases:

@@ -89,6 +89,18 @@ def test_cuda_requested_without_cuda(tmp_path):
                                             "use hardware=cpu or hardware=auto"))
 
 
+def test_ensemble_size_zero_and_eval_only_ensemble_without_kept_checkpoints(tmp_path):
+    result = run_cli("eval.ensemble_size=0", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(result, re.escape("eval.ensemble_size=0 is invalid: expected a positive integer (>= 1)"))
+    trained = tmp_path / "trained"  # eval.checkpoint=best: no checkpoints/top/
+    run(compose_config([*TINY, "train.iterations=4", "train.val_interval=2", "report.enabled=false"]), trained)
+    result = run_cli("eval.only=true", f"train.resume={trained}", "eval.checkpoint=ensemble", "hardware=cpu",
+                     f"hydra.run.dir={tmp_path / 'log'}")
+    assert_one_line_error(result, re.escape(f"train.resume={trained}: no checkpoints in '{trained}/checkpoints/top' "
+                                            f"(kept only by runs trained with eval.checkpoint=ensemble); use "
+                                            f"eval.checkpoint=best or last"))
+
+
 def test_nan_loss_stops_with_the_iteration_named(tmp_path):
     result = run_cli(*TINY, "algorithm.outer_lr=1e30", f"hydra.run.dir={tmp_path}")
     assert_one_line_error(result, r"non-finite training loss \(nan\) or gradient norm \(\S+\) at iteration \d+; "
@@ -114,6 +126,8 @@ BAD_VALUES = [
     ("algorithm.outer_lr=inf", "algorithm.outer_lr=inf is invalid: expected a positive number (> 0)"),
     ("algorithm.inner_steps=0", "algorithm.inner_steps=0 is invalid: expected a positive integer (>= 1)"),
     ("eval.inner_steps=-1", "eval.inner_steps=-1 is invalid: expected a positive integer (>= 1)"),
+    ("eval.checkpoint=foo", "eval.checkpoint='foo' is invalid: expected one of best, last, ensemble"),
+    ("eval.ensemble_size=0", "eval.ensemble_size=0 is invalid: expected a positive integer (>= 1)"),
     ("dataset.shots=0", "dataset.shots=0 is invalid: expected a positive integer (>= 1)"),
     ("dataset.query_shots=-2", "dataset.query_shots=-2 is invalid: expected a positive integer (>= 1)"),
     ("dataset.ways=0", "dataset.ways=0 is invalid: expected a positive integer (>= 1)"),

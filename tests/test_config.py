@@ -39,6 +39,12 @@ def test_every_experiment_preset_composes_resolves_and_validates():
         resolved = OmegaConf.to_container(cfg, resolve=True)
         if preset.startswith("antoniou2019"):  # the paper's Adam steps the LSLR rates at the meta lr
             assert resolved["algorithm"]["rate_outer_lr"] == resolved["algorithm"]["outer_lr"]
+            # The released code tests the logits averaged over the top-5 validation epochs, validated on 600 tasks
+            # every 500 iterations (docs/protocols.md).
+            assert (resolved["eval"]["checkpoint"], resolved["eval"]["ensemble_size"]) == ("ensemble", 5)
+            assert (resolved["train"]["val_tasks"], resolved["train"]["val_interval"]) == (600, 500)
+        else:  # one checkpoint, as before (finn2017: last, the rest: best)
+            assert resolved["eval"]["checkpoint"] == ("last" if preset.startswith("finn2017") else "best"), preset
         assert "meta_batch_size" not in resolved["eval"]  # a dead key: nothing read it
 
 
@@ -60,7 +66,7 @@ def test_each_algorithm_yaml_names_its_class_and_holds_exactly_its_config_keys()
 
 @pytest.mark.parametrize("override,message", [
     ("train.iterations=abc", "train.iterations='abc' is invalid: expected a positive integer (>= 1)"),
-    ("eval.checkpoint=null", "eval.checkpoint=null is invalid: expected one of best, last"),
+    ("eval.checkpoint=null", "eval.checkpoint=null is invalid: expected one of best, last, ensemble"),
     ("hardware.deterministic=maybe", "hardware.deterministic='maybe' is invalid: expected true or false"),
     ("dataset.shots=[1]", "dataset.shots=[1] is invalid: expected a positive integer (>= 1)"),
     ("model.hidden=[40,forty]", "model.hidden[1]='forty' is invalid: expected an integer"),

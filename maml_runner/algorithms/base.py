@@ -158,12 +158,23 @@ class MetaAlgorithm(nn.Module, ABC):
         """Extra per-step scalars for TensorBoard (e.g. learned learning rates)."""
         return {}
 
-    def evaluate_task(self, task: Task, steps: int) -> tuple[float, float]:
-        """Query loss and accuracy after adapting with `steps` inner steps (no meta-gradient)."""
+    def query_predictions(self, task: Task, steps: int) -> torch.Tensor:
+        """The outputs on the task's query set (logits for classification) of the model adapted with `steps` inner
+        steps on its support set, without a meta-gradient: what `evaluate_task` scores and what an ensemble test
+        averages (evaluate.evaluate_ensemble)."""
         learner = self.adapt(task, steps, None)
         with torch.no_grad():
-            predictions = learner(task.query_x)
-            return self.report_loss_fn(predictions, task.query_y).item(), self.metric(predictions, task.query_y)
+            return learner(task.query_x)
+
+    def score(self, predictions: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+        """(query loss, accuracy) of query outputs: the reported loss (a mean) and, for classification, the accuracy
+        of the argmax (nan for regression)."""
+        with torch.no_grad():
+            return self.report_loss_fn(predictions, targets).item(), self.metric(predictions, targets)
+
+    def evaluate_task(self, task: Task, steps: int) -> tuple[float, float]:
+        """Query loss and accuracy after adapting with `steps` inner steps (no meta-gradient)."""
+        return self.score(self.query_predictions(task, steps), task.query_y)
 
     def fine_tune(self, model: nn.Module, task: Task, steps: int, lr: float, optimizer: str = "sgd",
                   betas=(0.9, 0.999), data=None, state: dict | None = None, on_done=None,
