@@ -43,8 +43,9 @@ def test_every_experiment_preset_composes_resolves_and_validates():
             # every 500 iterations (docs/protocols.md).
             assert (resolved["eval"]["checkpoint"], resolved["eval"]["ensemble_size"]) == ("ensemble", 5)
             assert (resolved["train"]["val_tasks"], resolved["train"]["val_interval"]) == (600, 500)
-        else:  # one checkpoint, as before (finn2017: last, the rest: best)
-            assert resolved["eval"]["checkpoint"] == ("last" if preset.startswith("finn2017") else "best"), preset
+        else:  # one checkpoint: the end of training for finn2017 and nichol2018 (no validation set), else best
+            last = preset.startswith(("finn2017", "nichol2018"))
+            assert resolved["eval"]["checkpoint"] == ("last" if last else "best"), preset
         assert "meta_batch_size" not in resolved["eval"]  # a dead key: nothing read it
 
 

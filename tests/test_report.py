@@ -82,7 +82,8 @@ def test_presets_follow_the_protocols(experiment, expected):
                mb=cfg.train.meta_batch_size, lr=cfg.algorithm.inner_lr, steps=cfg.algorithm.inner_steps,
                eval_steps=cfg.eval.inner_steps, iters=cfg.train.iterations)
     assert got == expected
-    assert cfg.eval.num_tasks == 600
+    # 600 test tasks (Finn, Antoniou); supervised-reptile evaluates --eval-samples, 10,000 by default
+    assert cfg.eval.num_tasks == (10000 if experiment.startswith("nichol2018") else 600)
 
 
 def test_budget_scales_iterations_and_validation_interval():
