@@ -38,7 +38,10 @@ FORMAT = "maml-runner-checkpoint"
 VERSION = 2  # 2: the numpy RNG state as a tensor + numbers (version 1 pickled a numpy array)
 LAST, BEST = "last.pt", "best.pt"
 # Keys that may differ between a run and its resumption without changing a single number it computes.
-RESUME_IGNORED_KEYS = ("train.resume", "hardware.threads", "dataset.root", "dataset.cache_dir", "dataset.download")
+# Keys that say how or where to run, not what the run is: train.max_minutes included, so a run stopped by its time
+# budget continues under another budget (train.resume=true finds it) without a config-difference warning.
+RESUME_IGNORED_KEYS = ("train.resume", "train.max_minutes", "hardware.threads", "dataset.root", "dataset.cache_dir",
+                       "dataset.download")
 
 
 def _numpy_state_to_plain(state: tuple) -> dict:

@@ -140,6 +140,19 @@ def test_max_minutes_stops_training_then_tests_the_state_reached(tmp_path):
     assert math.isfinite(row["mean"]) and int(read_csv(tmp_path / "results.csv")[0]["n_tasks"]) == 8
 
 
+def test_a_run_stopped_by_its_time_budget_continues_with_train_resume_true_under_another_budget(tmp_path):
+    """train.max_minutes is how long to run now, not what the run is: `train.resume=true` with a new budget finds the
+    stopped sibling run and finishes it there (before, the budget counted as a config difference: a fresh start)."""
+    common = ["train.iterations=3000", "train.val_interval=1000", "train.val_tasks=4", "train.meta_batch_size=2",
+              "eval.num_tasks=8", "hardware=cpu", "hardware.threads=1", "report.enabled=false"]
+    stopped = run(compose_config([*common, "train.max_minutes=0.005"]), tmp_path / "outputs" / "first")
+    assert 0 < stopped["iterations_done"] < 3000
+    finished = run(compose_config([*common, "train.max_minutes=null", "train.resume=true"]),
+                   tmp_path / "outputs" / "second")
+    assert finished["iterations_done"] == 3000 and not (tmp_path / "outputs" / "second").exists()
+    assert int(read_csv(tmp_path / "outputs" / "first" / "results.csv")[0]["iterations_done"]) == 3000
+
+
 def test_max_minutes_must_be_positive():
     from maml_runner.config import validate
     from maml_runner.errors import UserError
