@@ -7,7 +7,8 @@
 #   scripts/protocol_effects.sh 5w1s 1000                       # all variants, 1,000 iterations each
 #   VARIANTS="0_defaults 1_faithful" scripts/protocol_effects.sh 20w1s 1000 hardware.threads=1
 #
-# Extra arguments are overrides for every run. Finished runs are reused (rerun the same command to continue).
+# Extra arguments are overrides for every run. Finished runs are reused and an interrupted one continues from its
+# last.pt (train.resume=true): rerun the same command to continue.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 setting=$1; iterations=$2; shift 2
@@ -27,7 +28,7 @@ declare -A variants=(
 for name in ${VARIANTS:-$(printf '%s\n' "${!variants[@]}" | sort)}; do
   [ -f "$out/$name/results.csv" ] && continue
   # shellcheck disable=SC2086
-  .venv/bin/maml-run ${variants[$name]} "${common[@]}" hydra.run.dir="$out/$name"
+  .venv/bin/maml-run ${variants[$name]} "${common[@]}" train.resume=true hydra.run.dir="$out/$name"
 done
 # The tested checkpoint: the faithful run's best-validation checkpoint instead of its last (no retraining: a copy of
 # the finished run resumed at its last iteration only runs the test).
