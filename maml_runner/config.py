@@ -247,7 +247,7 @@ REMOVED_KEYS = ("eval.meta_batch_size",)  # read by nothing (issue 15); checkpoi
 # otherwise warn "dataset.ink: None -> 1"). eval.ensemble_size is only read with eval.checkpoint=ensemble, which did
 # not exist before.
 ADDED_KEYS = (("dataset.ink", ("omniglot",), 1), ("dataset.rotations_as_classes", ("omniglot",), False),
-              ("eval.ensemble_size", None, 5))
+              ("eval.ensemble_size", None, 5), ("hardware.compile", None, False))
 
 
 def upgrade_saved(saved: dict) -> dict:

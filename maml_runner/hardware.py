@@ -109,3 +109,24 @@ def peak_memory_mb(device: torch.device) -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; process-wide peak
+
+
+# ---- hardware.compile ---------------------------------------------------------------------------------------------
+def compile_fast_path(algorithm) -> None:
+    """hardware.compile=true: `torch.compile` the model's task-grouped forward, which the fast path
+    (algorithms/vectorized.py) runs for every inner step and query of a meta-batch. Only for algorithms that never
+    differentiate twice (fomaml, reptile, pretrain, `algorithm.first_order=true`): torch.compile does not support
+    double backward. The first meta-batch of each shape pays the compilation (about a minute on the development
+    CPU); the per-task loop, evaluation and ANIL's body/head split run uncompiled. Float64 meta-gradients equal the
+    uncompiled ones to rounding (tests/test_fast_path.py)."""
+    if algorithm.needs_double_backward():
+        raise UserError(f"hardware.compile=true needs a first-order algorithm (fomaml, reptile, or "
+                        f"algorithm.first_order=true): algorithm={algorithm.name} differentiates through its inner "
+                        f"loop, and torch.compile cannot differentiate twice; use hardware.compile=false")
+    model = algorithm.model
+    if not hasattr(model, "grouped_forward"):
+        raise UserError(f"hardware.compile=true compiles the task-grouped forward, which {type(model).__name__} "
+                        f"does not have; use hardware.compile=false")
+    # An instance attribute: the fast path looks grouped_forward up on the model at each call; state_dict (and so
+    # checkpoints) are unchanged.
+    model.grouped_forward = torch.compile(model.grouped_forward, dynamic=False)

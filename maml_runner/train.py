@@ -25,7 +25,7 @@ from .data.base import EpisodeSource
 from .data.fast_episodes import cached_episodes
 from .errors import UserError
 from .evaluate import evaluate, evaluate_ensemble
-from .hardware import configure, peak_memory_mb, reset_peak_memory
+from .hardware import compile_fast_path, configure, peak_memory_mb, reset_peak_memory
 from .io import remove_stale_temporaries
 from .lifecycle import (NanPolicy, StopRequested, StopSignals, TimeBudget, TrainingState, best_validation,
                         finished_results, last_good_checkpoint, restore)
@@ -266,6 +266,8 @@ def build(cfg: DictConfig, run_dir: Path) -> Trainer:
                                 grad_clip=cfg.train.get("grad_clip"), train_source=sources["train"],
                                 vectorize=str(cfg.hardware.get("vectorize", "auto"))).to(device)
     algorithm.grad_clip_value = cfg.train.get("grad_clip_value")  # element-wise, after train.grad_clip's norm clip
+    if cfg.hardware.get("compile", False):
+        compile_fast_path(algorithm)
     return Trainer(cfg, run_dir, algorithm, sources, device)
 
 

@@ -149,6 +149,7 @@ def main() -> int:
                                                       "algorithm.inner_lr=0.1"]),
         ("unknown eval.checkpoint", ["eval.checkpoint=foo"]),
         ("zero ensemble size", ["eval.ensemble_size=0"]),
+        ("torch.compile with a second-order algorithm", ["hardware.compile=true"]),
         ("eval.checkpoint=ensemble on a run that kept no top checkpoints", [
             "eval.only=true", f"train.resume={finished}", "eval.checkpoint=ensemble"]),
     ]

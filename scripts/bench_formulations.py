@@ -9,9 +9,12 @@ Two experiments, each alternating its variants so that load changes hit both ali
 * `precision`: the runner's whole MAML/FOMAML train_step (real Omniglot, dataset preset hyperparameters) in float32
   vs under `torch.autocast(bfloat16)`, with the relative difference and cosine of the two meta-gradients of the
   first meta-batch (same weights, same tasks).
+* `compile`: the same step with the grouped forward eager vs `torch.compile`d (hardware.compile=true; first-order
+  algorithms). The warm-up, which includes the compilation, is printed apart.
 
     .venv/bin/python scripts/bench_formulations.py conv
     .venv/bin/python scripts/bench_formulations.py precision --cases 20w1s:maml 20w1s:fomaml 5w1s:maml
+    .venv/bin/python scripts/bench_formulations.py compile --cases 20w1s:fomaml 5w1s:fomaml 5w1s:reptile
 """
 from __future__ import annotations
 
@@ -75,9 +78,12 @@ def bench_conv(repeats: int) -> None:
               f"{1e3 * unfolded:.1f} ms | RATIO {grouped / unfolded:.2f}")
 
 
-def bench_precision(cases: list[str], root: str, repeats: int, device: str) -> None:
+def bench_step(experiment: str, cases: list[str], root: str, repeats: int, device: str) -> None:
+    """The whole train_step, baseline vs variant: `precision` (float32 vs bf16 autocast) or `compile` (the grouped
+    forward eager vs torch.compile, hardware.compile; first-order algorithms only). Same weights, same tasks."""
     from hydra import compose, initialize_config_dir
 
+    from maml_runner.hardware import compile_fast_path
     from maml_runner.train import build
     for case in cases:
         setting, algorithm = case.split(":")
@@ -88,33 +94,43 @@ def bench_precision(cases: list[str], root: str, repeats: int, device: str) -> N
             trainer = build(cfg, Path(run_dir))
         meta, source = trainer.algorithm, trainer.sources["train"]
         start = copy.deepcopy(meta.state_dict())
-        dtype_device = "cuda" if device.startswith("cuda") else "cpu"
+        device_type = "cuda" if device.startswith("cuda") else "cpu"
         tasks = [source.sample_batch(int(cfg.train.meta_batch_size)).to(trainer.device) for _ in range(repeats)]
+        eager = meta.model.grouped_forward
+        if experiment == "compile":
+            compile_fast_path(meta)
+            compiled, meta.model.grouped_forward = meta.model.grouped_forward, eager
         gradients = {}
 
-        def step(bf16: bool, index: list) -> None:
+        def step(variant: bool, index: list) -> None:
             meta.load_state_dict(start)
-            with torch.autocast(dtype_device, dtype=torch.bfloat16, enabled=bf16):
+            if experiment == "compile":
+                meta.model.grouped_forward = compiled if variant else eager
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=variant and experiment == "precision"):
                 meta.train_step(tasks[index[0] % repeats], 10)
-            if bf16 not in gradients:
-                gradients[bf16] = torch.cat([p.grad.flatten() for p in meta.parameters() if p.grad is not None])
-            if device.startswith("cuda"):
+            if variant not in gradients:
+                gradients[variant] = torch.cat([p.grad.flatten() for p in meta.parameters() if p.grad is not None])
+            if device_type == "cuda":
                 torch.cuda.synchronize()
             index[0] += 1
 
         counters = ([0], [0])
-        step(False, counters[0]), step(True, counters[1])  # warm-up (and the first batch's gradients)
-        fp32, bf16 = median_pair(lambda: step(False, counters[0]), lambda: step(True, counters[1]), repeats)
-        g32, g16 = gradients[False], gradients[True]
-        print(f"{case}: float32 {fp32:.3f} s/iter | bf16 autocast {bf16:.3f} s/iter | RATIO {fp32 / bf16:.2f} | "
-              f"meta-gradient relative difference {float((g32 - g16).norm() / g32.norm()):.3f}, cosine "
-              f"{float(F.cosine_similarity(g32, g16, 0)):.3f}")
+        warm = time.perf_counter()
+        step(False, counters[0]), step(True, counters[1])  # warm-up (compilation) and the first batch's gradients
+        warm = time.perf_counter() - warm
+        base, variant = median_pair(lambda: step(False, counters[0]), lambda: step(True, counters[1]), repeats)
+        g_base, g_variant = gradients[False], gradients[True]
+        names = {"precision": ("float32", "bf16 autocast"), "compile": ("eager", "torch.compile")}[experiment]
+        print(f"{case}: {names[0]} {base:.3f} s/iter | {names[1]} {variant:.3f} s/iter | RATIO {base / variant:.2f} | "
+              f"meta-gradient relative difference {float((g_base - g_variant).norm() / g_base.norm()):.3f}, cosine "
+              f"{float(F.cosine_similarity(g_base, g_variant, 0)):.3f} | warm-up {warm:.0f} s", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("experiment", choices=("conv", "precision"))
-    parser.add_argument("--cases", nargs="+", default=["20w1s:maml", "20w1s:fomaml", "5w1s:maml"])
+    parser.add_argument("experiment", choices=("conv", "precision", "compile"))
+    parser.add_argument("--cases", nargs="+", default=None, help="setting:algorithm (default: 20w1s:maml "
+                        "20w1s:fomaml 5w1s:maml; for compile 20w1s:fomaml 5w1s:fomaml 5w1s:reptile)")
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
@@ -125,7 +141,9 @@ def main() -> None:
     if args.experiment == "conv":
         bench_conv(args.repeats)
     else:
-        bench_precision(args.cases, args.root, args.repeats, args.device)
+        cases = args.cases or (["20w1s:fomaml", "5w1s:fomaml", "5w1s:reptile"] if args.experiment == "compile"
+                               else ["20w1s:maml", "20w1s:fomaml", "5w1s:maml"])
+        bench_step(args.experiment, cases, args.root, args.repeats, args.device)
 
 
 if __name__ == "__main__":

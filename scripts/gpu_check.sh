@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One short GPU check (<= 8 minutes on one GPU, whole script): the CUDA tests, scripts/bench_speed.py --device cuda
 # (reference and peer columns, Omniglot-shaped generated data), a timed 2,000-iteration 5w1s `maml-run` on CUDA and,
-# if time is left, bf16 autocast vs float32 (scripts/bench_formulations.py).
+# if time is left, bf16 autocast vs float32 and torch.compile of first-order steps (scripts/bench_formulations.py).
 # Writes a markdown summary (default $OUT/gpu_check.md, else outputs/gpu_check/gpu_check.md) as it goes, so a run cut
 # short still says what it did. Each stage has its own time limit and never runs past the overall deadline.
 #
@@ -191,6 +191,11 @@ fi
 run_stage bf16_autocast 60 "$PY" scripts/bench_formulations.py precision --device cuda --repeats 5 --root "$FIXTURE" \
   --cases 20w1s:maml 5w1s:maml
 [ "$DRY_RUN" = 0 ] && grep -E 'RATIO' "$OUT_DIR/bf16_autocast.log" | sed 's/^/  - /' | tee -a "$SUMMARY"
+
+# ---- 6. torch.compile of the grouped forward for first-order steps (hardware.compile), if time is left -----------
+run_stage compile_first_order 90 "$PY" scripts/bench_formulations.py compile --device cuda --repeats 5 \
+  --root "$FIXTURE" --cases 20w1s:fomaml 5w1s:fomaml
+[ "$DRY_RUN" = 0 ] && grep -E 'RATIO' "$OUT_DIR/compile_first_order.log" | sed 's/^/  - /' | tee -a "$SUMMARY"
 
 say ""
 say "Total $(( $(date +%s) - START )) s of ${BUDGET} s. Logs beside this file. Data: generated fixture (not Omniglot)."

@@ -401,3 +401,45 @@ def test_model_grouped_forward_is_each_tasks_own_forward(make, shape):
         assert torch.allclose(grouped[t], torch.func.functional_call(model, own, (x[t],)), rtol=1e-12, atol=1e-12)
     shared = model.grouped_body(x, dict(model.named_parameters()))
     assert torch.allclose(shared, torch.stack([model.body(x[t]) for t in range(tasks)]), rtol=1e-12, atol=1e-12)
+
+
+# ---- hardware.compile ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", [FOMAML])  # Reptile's fast path calls the same compiled forward (bench_formulations)
+def test_compiled_fast_path_gives_the_uncompiled_meta_gradient(omniglot, cls):
+    """hardware.compile=true (hardware.compile_fast_path): torch.compile of the grouped forward, first-order
+    algorithms only; in float64 the meta-gradient (Reptile: its pseudo-gradient) equals the uncompiled one."""
+    from maml_runner.hardware import compile_fast_path
+    random.seed(4)
+    tasks = _double(cached_episodes(omniglot["train"]).sample_batch(3))
+    gradients = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        cfg = OmegaConf.create({"name": cls.name, "inner_lr": 0.1, "inner_steps": 2, "outer_lr": 0.0,
+                                "meta_step_size": 0.0, "first_order": True})
+        algorithm = cls(Conv4(3, hidden=4).double(), cfg, "classification", 10)
+        algorithm.vectorize = "on"
+        algorithm.build_optimizer()
+        if compiled:
+            compile_fast_path(algorithm)
+            assert algorithm.model.grouped_forward is not Conv4.grouped_forward.__get__(algorithm.model)
+        algorithm.train_step(tasks, 0)
+        gradients.append({n: p.grad.clone() for n, p in algorithm.named_parameters() if p.grad is not None})
+        if compiled:  # compiling leaves the parameters, and so checkpoints, as they are
+            assert set(algorithm.model.state_dict()) == set(Conv4(3, hidden=4).state_dict())
+    assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) > 0
+    assert _relative(list(gradients[0].values()), list(gradients[1].values())) < 1e-10
+
+
+def test_compile_refuses_second_order_algorithms():
+    from maml_runner.errors import UserError
+    from maml_runner.hardware import compile_fast_path
+    cfg = OmegaConf.create({"name": "maml", "inner_lr": 0.1, "inner_steps": 1, "outer_lr": 0.001,
+                            "first_order": False})
+    second_order = MAML(MLP(), cfg, "regression", 10)
+    with pytest.raises(UserError, match=r"^hardware.compile=true needs a first-order algorithm \(fomaml, reptile, "
+                                        r"or algorithm.first_order=true\): algorithm=maml differentiates"):
+        compile_fast_path(second_order)
+    first_order = MAML(MLP(), OmegaConf.merge(cfg, {"first_order": True}), "regression", 10)
+    compile_fast_path(first_order)  # accepted: first_order=true never differentiates twice
+    assert not first_order.needs_double_backward() and second_order.needs_double_backward()

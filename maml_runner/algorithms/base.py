@@ -89,6 +89,12 @@ class MetaAlgorithm(nn.Module, ABC):
                                 "the MAML code's regression loss is a mean: use algorithm.loss_reduction=mean")
             self.loss_fn = sum_over_shots_loss(int(shots))
 
+    def needs_double_backward(self) -> bool:
+        """Whether some training step differentiates through the inner loop's gradients (second-order
+        meta-gradients). torch.compile cannot (hardware.compile). Algorithms with a `first_order` switch answer
+        by it; the rest are assumed second-order unless they say otherwise."""
+        return not bool(getattr(self, "first_order", False))
+
     # ---- data hooks (defaults fit every episodic meta-learner) ----------------------------------------------
     def bind_data(self, train_source) -> None:
         """Called once before the optimizer is built; algorithms that need facts about the data (e.g. the

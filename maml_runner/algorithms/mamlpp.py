@@ -90,6 +90,9 @@ class MAMLPlusPlus(MetaAlgorithm):
     def learned_rate_parameters(self):
         return list(self.step_rates.values()) if self.learned_step_rates else []
 
+    def needs_double_backward(self) -> bool:
+        return not bool(self.cfg.first_order)  # derivative-order annealing still ends second-order
+
     def first_order_at(self, iteration: int | None) -> bool:
         return iteration is None or bool(self.cfg.first_order) or iteration < self.first_order_iterations
 

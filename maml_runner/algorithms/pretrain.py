@@ -64,6 +64,9 @@ class Pretrain(MetaAlgorithm):
         loss.backward()
         return self.finish_step(loss.item(), self.metric(predictions, y), iteration)
 
+    def needs_double_backward(self) -> bool:
+        return False  # joint training; fine-tuning happens at evaluation only
+
     def adapt(self, task: Task, steps: int, iteration=None):
         model = self.model
         if self.task_type != "regression":  # a fresh head for this task's classes

@@ -94,6 +94,9 @@ class Reptile(MetaAlgorithm):
                               self.inner_betas, data=data, state=self.inner_state if self.persistent else None,
                               on_done=self._keep_state if keep else None, batches=batches)
 
+    def needs_double_backward(self) -> bool:
+        return False  # the meta-step is theta' - theta: no gradient through the inner loop
+
     def mini_batches(self, examples: int, steps: int, training: bool) -> list[torch.Tensor] | None:
         """Row indices of each inner step's mini-batch (supervised-reptile's `_mini_batches`: consecutive batches of
         passes over the examples, each pass reshuffled); None for full-batch steps."""
