@@ -68,3 +68,29 @@ def assert_same_csv_rows(run_dir, reference_dir, names=("metrics.csv", "results.
                     assert got_row[key] == pytest.approx(expected, rel=1e-6, abs=1e-9, nan_ok=True), (name, key)
                 else:
                     assert got_row[key] == expected, (name, key)
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL inside the process: nothing catches it."""
+
+
+def run_killed_at_last_pt(cfg, run_dir, iteration: int, monkeypatch, after_write: bool = False) -> None:
+    """Run `cfg` in `run_dir` until it dies at the write of checkpoints/last.pt for `iteration`: before that
+    file is written (the worst moment: metrics.csv, best.pt and top/ already hold the iteration) or, with
+    `after_write`, right after it."""
+    from maml_runner import train as train_module
+    save = train_module.save_checkpoint
+
+    def dies(path, payload):
+        at_last = Path(path).name == "last.pt" and payload["iteration"] == iteration
+        if at_last and not after_write:
+            raise Killed
+        written = save(path, payload)
+        if at_last:
+            raise Killed
+        return written
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "save_checkpoint", dies)
+        with pytest.raises(Killed):
+            train_module.run(cfg, run_dir)

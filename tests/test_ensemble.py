@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_same_csv_rows, compose_config
-from maml_runner import train as train_module
+from conftest import assert_same_csv_rows, compose_config, run_killed_at_last_pt
 from maml_runner.ablation import run_ablation
 from maml_runner.checkpoint import config_differences, load_algorithm, load_checkpoint, save_checkpoint
 from maml_runner.ensemble import ranked_validations
@@ -26,10 +25,6 @@ K = 3
 SMALL = ["train.iterations=40", "train.val_interval=5", "train.val_tasks=6", "train.meta_batch_size=2",
          "train.log_interval=5", "eval.num_tasks=12", "eval.inner_steps=1", "hardware=cpu", "hardware.threads=1",
          "hardware.deterministic=true", "report.enabled=false"]
-
-
-class Killed(Exception):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -155,18 +150,8 @@ def test_killed_and_resumed_run_keeps_the_same_top_and_results(reference, omnigl
                if i >= K and r["iteration"] in by_hand_top_of(rows[:i + 1], K)]
     assert entered, "no validation after the first few entered the top: pick another fixture"
     k = entered[-1]
-    save = train_module.save_checkpoint
-
-    def dies_writing_last(path, payload):
-        if Path(path).name == "last.pt" and payload["iteration"] == k:
-            raise Killed
-        return save(path, payload)
-
-    monkeypatch.setattr(train_module, "save_checkpoint", dies_writing_last)
     run_dir = tmp_path / "run"
-    with pytest.raises(Killed):
-        run(compose_config(omniglot), run_dir)
-    monkeypatch.undo()
+    run_killed_at_last_pt(compose_config(omniglot), run_dir, k, monkeypatch)
     assert f"iter_{k}.pt" in kept(run_dir) and len(kept(run_dir)) == K + 1  # written, the dropped one not yet pruned
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["iteration"] == k - 5
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_same_csv_rows, compose_config
+from conftest import assert_same_csv_rows, compose_config, run_killed_at_last_pt
 from maml_runner import train as train_module
 from maml_runner.checkpoint import load_checkpoint
 from maml_runner.errors import UserError
@@ -70,26 +70,11 @@ def test_the_tested_model_is_the_one_training_left(reference, omniglot_root, tmp
     assert again["test_loss"] == pytest.approx(row["test_loss"], rel=1e-9)
 
 
-class Killed(Exception):
-    pass
-
-
 def test_resume_after_a_stop_matches_the_run_done_in_one_go(reference, omniglot_root, tmp_path, monkeypatch,
                                                             caplog):
     reference_dir, _ = reference
-    save = train_module.save_checkpoint
-
-    def dies_after_last(path, payload):  # killed right after last.pt of iteration 3 was written
-        written = save(path, payload)
-        if Path(path).name == "last.pt" and payload["iteration"] == 3:
-            raise Killed
-        return written
-
-    monkeypatch.setattr(train_module, "save_checkpoint", dies_after_last)
-    run_dir = tmp_path / "run"
-    with pytest.raises(Killed):
-        run(compose_config(overrides(omniglot_root)), run_dir)
-    monkeypatch.undo()
+    run_dir = tmp_path / "run"  # killed right after last.pt of iteration 3 was written
+    run_killed_at_last_pt(compose_config(overrides(omniglot_root)), run_dir, 3, monkeypatch, after_write=True)
     assert [r["iteration"] for r in read_csv(run_dir / "metrics.csv", typed=True)] == [3]
     with caplog.at_level(logging.INFO, logger="maml_runner.train"):
         run(compose_config(overrides(omniglot_root, "train.resume=true")), run_dir)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, assert_same_csv_rows, cli_command, cli_env, compose_config, run_cli
-from maml_runner import train as train_module
+from conftest import (REPO, assert_same_csv_rows, cli_command, cli_env, compose_config, run_cli,
+                      run_killed_at_last_pt)
 from maml_runner.checkpoint import load_checkpoint, save_checkpoint
 from maml_runner.io import read_csv
 from maml_runner.train import run
@@ -144,28 +144,14 @@ def test_sigterm_saves_last_and_prints_the_command_that_resumes_exactly(referenc
     assert_same_run(run_dir, reference)  # including train_loss of the validation interval the stop cut in two
 
 
-class Killed(BaseException):
-    """Stands in for SIGKILL inside the process: nothing catches it."""
-
-
 def test_death_between_writing_best_and_last_resumes_exactly(reference, tmp_path, monkeypatch):
     """The worst moment: metrics.csv and best.pt already hold iteration k, last.pt still iteration k - 10."""
     losses = [row["val_loss"] for row in read_csv(reference / "metrics.csv", typed=True)]
     improved = [VALIDATIONS[i] for i in range(1, len(losses) - 1) if losses[i] < min(losses[:i])]
     assert improved, "the reference never improved after its first validation"
     k = improved[-1]
-    save = train_module.save_checkpoint
-
-    def dies_before_last(path, payload):
-        if Path(path).name == "last.pt" and payload["iteration"] == k:
-            raise Killed
-        return save(path, payload)
-
-    monkeypatch.setattr(train_module, "save_checkpoint", dies_before_last)
     run_dir = tmp_path / "run"
-    with pytest.raises(Killed):
-        run(compose_config(COMMON), run_dir)
-    monkeypatch.undo()
+    run_killed_at_last_pt(compose_config(COMMON), run_dir, k, monkeypatch)
     assert load_checkpoint(run_dir / "checkpoints/best.pt")["iteration"] == k
     assert load_checkpoint(run_dir / "checkpoints/last.pt")["iteration"] == k - 10
     assert read_csv(run_dir / "metrics.csv", typed=True)[-1]["iteration"] == k
