@@ -165,10 +165,6 @@ def fine_tune_grouped(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: fl
     arithmetic is elementwise, so it runs on the per-task copies as it would on each task's own. `batches`: row
     indices [T, steps, size] of each task's mini-batch at each step (Reptile.mini_batches); None: full batch."""
     fast = {name: p.detach() for name, p in _per_task_parameters(model, x.shape[0]).items()}
-    if optimizer == "sgd" and batches is None:
-        with torch.enable_grad():
-            fast = _inner_loop(model.grouped_forward, fast, x, y, lr, steps, True, loss_fn, list(fast))
-        return {name: p.detach() for name, p in fast.items()}
     adam = _GroupedAdam(fast, lr, betas) if optimizer == "adam" else None
     tasks = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
     for step in range(steps):
@@ -176,9 +172,8 @@ def fine_tune_grouped(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: fl
         with torch.enable_grad():
             at = {name: p.detach().requires_grad_() for name, p in fast.items()}
             losses = _per_task_loss(loss_fn, model.grouped_forward(xs, at, step), ys)
-            gradients = torch.autograd.grad(losses.sum(), list(at.values()))
-        fast = adam.step(fast, gradients) if adam is not None else \
-            {name: p - lr * g for (name, p), g in zip(fast.items(), gradients)}
+            gradients = dict(zip(at, torch.autograd.grad(losses.sum(), list(at.values()), allow_unused=True)))
+        fast = adam.step(fast, gradients) if adam is not None else inner_update(fast, gradients, lr, step)
     return fast
 
 
@@ -191,12 +186,18 @@ class _GroupedAdam:
         self.moments = [torch.zeros_like(p) for p in params.values()]
         self.squares = [torch.zeros_like(p) for p in params.values()]
 
-    def step(self, params: dict[str, torch.Tensor], gradients) -> dict[str, torch.Tensor]:
+    def step(self, params: dict[str, torch.Tensor], gradients: dict) -> dict[str, torch.Tensor]:
+        """`params` after one Adam step; a parameter without a gradient (unused by the loss) stays, as torch's Adam
+        skips it."""
         self.count += 1
         step_size = self.lr / (1 - self.beta1 ** self.count)
         correction2_sqrt = (1 - self.beta2 ** self.count) ** 0.5
         updated = {}
-        for (name, p), g, m, v in zip(params.items(), gradients, self.moments, self.squares):
+        for (name, p), m, v in zip(params.items(), self.moments, self.squares):
+            g = gradients.get(name)
+            if g is None:
+                updated[name] = p
+                continue
             m.lerp_(g, 1 - self.beta1)
             v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
             updated[name] = p.addcdiv(m, (v.sqrt() / correction2_sqrt).add_(self.eps), value=-step_size)
