@@ -12,6 +12,7 @@ Inner steps: `--steps`, else 1 (Finn et al.'s 5-way) and Reptile's own `inner_st
     .venv/bin/python scripts/bench_vectorize.py --cases all_5w1s --threads 1   # every algorithm on 5w1s
     .venv/bin/python scripts/bench_vectorize.py --cases mamlpp_5w1s --steps 5 --meta-batch 8   # Antoniou's setting
     .venv/bin/python scripts/bench_vectorize.py --phase first          # derivative-order annealing's first phase
+    .venv/bin/python scripts/bench_vectorize.py --cases reptile_5w1s --chunk-images 256 128 64   # chunk sizes
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from omegaconf import OmegaConf
 
 # bench_speed.py is this script's neighbour: Python puts the script's own directory first on sys.path.
 from bench_speed import DATASETS, omniglot_sources, relative_difference
-from maml_runner.algorithms import build_algorithm
+from maml_runner.algorithms import build_algorithm, vectorized
 from maml_runner.data.fast_episodes import cached_episodes
 from maml_runner.data.sinusoid import SinusoidTasks
 from maml_runner.models import MLP, Conv4
@@ -71,24 +72,37 @@ def step(state, batch, iteration):
 
 
 def run_case(case, args, root, notes) -> float:
+    """Per-task loop vs fast path; with --chunk-images, one fast-path setting per chunk size (same weights, same
+    tasks, alternating in rotated order). Returns the ratio of the per-task loop to the fastest fast-path setting."""
     iteration = 0 if args.phase == "first" else TOTAL_ITERATIONS - 1
-    states = {name: build(case, args, root, notes, name) for name in ("off", "on")}
-    times = {"off": [], "on": []}
+    chunk_sizes = args.chunk_images or [vectorized.CPU_IMAGES_PER_CHUNK]
+    settings = ["off"] + [f"on@{size}" for size in chunk_sizes]
+    states = {name: build(case, args, root, notes, name.split("@")[0]) for name in settings}
+    times = {name: [] for name in settings}
     difference = None
     for i in range(args.iterations + 1):  # i = 0 warms up (not timed)
         gradients = {}
-        for name in (("off", "on") if i % 2 == 0 else ("on", "off")):
-            random.seed(2000 + i)  # both settings draw the same tasks
+        shift = i % len(settings)
+        for name in settings[shift:] + settings[:shift]:  # each setting goes first equally often
+            if "@" in name:
+                vectorized.CPU_IMAGES_PER_CHUNK = int(name.split("@")[1])
+            random.seed(2000 + i)  # every setting draws the same tasks
             elapsed, gradients[name], tasks = step(states[name], args.meta_batch, iteration)
             if i:
                 times[name].append(elapsed)
         if i == 0:
-            difference = relative_difference(gradients["off"], gradients["on"])
-            vectorized = states["on"][1].vectorized_for(tasks)
-    off, on = statistics.median(times["off"]), statistics.median(times["on"])
-    print(f"{case:16s} per-task loop {off:7.3f} s/iter  vectorized {on:7.3f} s/iter  ratio {off / on:5.2f}  "
-          f"(vectorized: {vectorized}; first meta-gradient rel diff f32 {difference:.1e})", flush=True)
-    return off / on
+            difference = relative_difference(gradients["off"], gradients[settings[1]])
+            fast_path = states[settings[1]][1].vectorized_for(tasks)
+    vectorized.CPU_IMAGES_PER_CHUNK = chunk_sizes[0]
+    off = statistics.median(times["off"])
+    on = {name: statistics.median(times[name]) for name in settings[1:]}
+    best = min(on, key=on.get)
+    if args.chunk_images:
+        print(f"{case:16s} per-task loop {off:7.3f} s/iter | " + "  ".join(
+            f"chunk {name.split('@')[1]} images {on[name]:7.3f} ({off / on[name]:4.2f}x)" for name in on), flush=True)
+    print(f"{case:16s} per-task loop {off:7.3f} s/iter  vectorized {on[best]:7.3f} s/iter  ratio {off / on[best]:5.2f}  "
+          f"(vectorized: {fast_path}; first meta-gradient rel diff f32 {difference:.1e})", flush=True)
+    return off / on[best]
 
 
 def main(argv=None) -> int:
@@ -104,6 +118,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--reptile-adam", action="store_true",
                         help="Reptile with a fresh inner Adam (beta1 0, lr 1e-3) instead of its default SGD")
+    parser.add_argument("--chunk-images", type=int, nargs="+", default=None,
+                        help="time the fast path at each of these CPU chunk sizes (images per chunk; default: "
+                             "vectorized.CPU_IMAGES_PER_CHUNK); SPEEDUP is then the fastest one's")
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))
     args = parser.parse_args(argv)
     args.cases = [case for name in args.cases for case in GROUPS.get(name, [name])]

@@ -161,3 +161,25 @@ def test_the_im2col_formulation_computes_the_grouped_convolution_and_its_second_
         grads.append(torch.autograd.grad((conv(x, w - 0.1 * gw, b - 0.1 * gb) ** 2).sum(), w)[0])
     assert formulations.unfold_bmm_conv(x, w, b).shape == (4, tasks * 5, 4, 4)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-10)
+
+
+# ---- bench_vectorize.py --chunk-images ---------------------------------------------------------------------------
+def test_chunk_sweep_times_each_chunk_size_and_restores_the_default(tmp_path, monkeypatch, capsys):
+    """Each --chunk-images size is its own fast-path setting (same tasks, alternating), and the module's chunk size
+    is the default again afterwards, so nothing else in the process runs at a swept size."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from maml_runner.algorithms import vectorized
+    default = vectorized.CPU_IMAGES_PER_CHUNK
+    seen = []
+    original = vectorized.task_chunks
+    monkeypatch.setattr(vectorized, "task_chunks",
+                        lambda tasks: seen.append(vectorized.CPU_IMAGES_PER_CHUNK) or original(tasks))
+    bench = _script("bench_vectorize")
+    assert bench.main(["--cases", "fomaml_5w1s", "--iterations", "1", "--meta-batch", "4", "--threads", "1",
+                       "--chunk-images", "256", "20", "--root", str(tmp_path / "no_omniglot")]) == 0
+    out = capsys.readouterr().out
+    assert "chunk 256 images" in out and "chunk 20 images" in out
+    assert 256 in seen and 20 in seen  # both sizes reached the fast path
+    assert vectorized.CPU_IMAGES_PER_CHUNK == default
+    speedup = [line for line in out.splitlines() if line.startswith("SPEEDUP fomaml_5w1s ")]
+    assert len(speedup) == 1 and float(speedup[0].split()[-1]) > 0
