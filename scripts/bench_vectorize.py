@@ -107,7 +107,7 @@ def run_case(case, args, root, notes) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", default=[c for c in ALL_CASES if c.startswith("mamlpp")],
+    parser.add_argument("--cases", nargs="+", default=[c for c in ALL_CASES if c.startswith("mamlpp") and not c.endswith("20w5s")],
                         choices=ALL_CASES + list(GROUPS), help="cases, or all_<dataset> for every algorithm")
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations per setting and case")
     parser.add_argument("--meta-batch", type=int, default=32)
