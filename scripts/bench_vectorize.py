@@ -75,8 +75,9 @@ def run_case(case, args, root, notes) -> float:
     """Per-task loop vs fast path; with --chunk-images, one fast-path setting per chunk size (same weights, same
     tasks, alternating in rotated order). Returns the ratio of the per-task loop to the fastest fast-path setting."""
     iteration = 0 if args.phase == "first" else TOTAL_ITERATIONS - 1
-    chunk_sizes = args.chunk_images or [vectorized.CPU_IMAGES_PER_CHUNK]
-    settings = ["off"] + [f"on@{size}" for size in chunk_sizes]
+    default_size, default_factor = vectorized.CPU_IMAGES_PER_CHUNK, vectorized.CPU_FIRST_ORDER_CHUNK_FACTOR
+    chunk_sizes = args.chunk_images or [None]  # None: the runner's own rule (vectorized.images_per_chunk)
+    settings = ["off"] + [f"on@{size}" if size else "on" for size in chunk_sizes]
     states = {name: build(case, args, root, notes, name.split("@")[0]) for name in settings}
     times = {name: [] for name in settings}
     difference = None
@@ -84,8 +85,9 @@ def run_case(case, args, root, notes) -> float:
         gradients = {}
         shift = i % len(settings)
         for name in settings[shift:] + settings[:shift]:  # each setting goes first equally often
-            if "@" in name:
+            if "@" in name:  # exactly this many images per chunk, first or second order
                 vectorized.CPU_IMAGES_PER_CHUNK = int(name.split("@")[1])
+                vectorized.CPU_FIRST_ORDER_CHUNK_FACTOR = 1
             random.seed(2000 + i)  # every setting draws the same tasks
             elapsed, gradients[name], tasks = step(states[name], args.meta_batch, iteration)
             if i:
@@ -93,7 +95,7 @@ def run_case(case, args, root, notes) -> float:
         if i == 0:
             difference = relative_difference(gradients["off"], gradients[settings[1]])
             fast_path = states[settings[1]][1].vectorized_for(tasks)
-    vectorized.CPU_IMAGES_PER_CHUNK = chunk_sizes[0]
+    vectorized.CPU_IMAGES_PER_CHUNK, vectorized.CPU_FIRST_ORDER_CHUNK_FACTOR = default_size, default_factor
     off = statistics.median(times["off"])
     on = {name: statistics.median(times[name]) for name in settings[1:]}
     best = min(on, key=on.get)
@@ -119,8 +121,9 @@ def main(argv=None) -> int:
     parser.add_argument("--reptile-adam", action="store_true",
                         help="Reptile with a fresh inner Adam (beta1 0, lr 1e-3) instead of its default SGD")
     parser.add_argument("--chunk-images", type=int, nargs="+", default=None,
-                        help="time the fast path at each of these CPU chunk sizes (images per chunk; default: "
-                             "vectorized.CPU_IMAGES_PER_CHUNK); SPEEDUP is then the fastest one's")
+                        help="time the fast path at each of these CPU chunk sizes (images per chunk, first or second "
+                             "order; default: the runner's rule, vectorized.images_per_chunk); SPEEDUP is then the "
+                             "fastest one's")
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))
     args = parser.parse_args(argv)
     args.cases = [case for name in args.cases for case in GROUPS.get(name, [name])]

@@ -87,6 +87,35 @@ def _meta_gradient(cls, model, tasks, task_type, inner_lr, steps, first_order, v
     return stats, [p.grad.clone() for p in model.parameters()]
 
 
+def _chunk_images(monkeypatch, images: int) -> None:
+    """Chunks of exactly `images` images for first- and second-order steps alike."""
+    monkeypatch.setattr(vectorized, "CPU_IMAGES_PER_CHUNK", images)
+    monkeypatch.setattr(vectorized, "CPU_FIRST_ORDER_CHUNK_FACTOR", 1)
+
+
+def test_chunk_size_rule_doubles_first_order_chunks_only_with_several_threads(omniglot):
+    """vectorized.images_per_chunk: second-order steps (and every step at one thread) use CPU_IMAGES_PER_CHUNK,
+    first-order steps with several intra-op threads twice that; task_chunks splits by it."""
+    threads = torch.get_num_threads()
+    random.seed(3)
+    tasks = cached_episodes(omniglot["train"]).sample_batch(32)  # 32 tasks of 9 images: 288
+    images = 32 * (tasks.support_x.shape[1] + tasks.query_x.shape[1])
+    try:
+        torch.set_num_threads(2)
+        assert vectorized.images_per_chunk(True) == vectorized.CPU_IMAGES_PER_CHUNK
+        assert vectorized.images_per_chunk(False) == 2 * vectorized.CPU_IMAGES_PER_CHUNK
+        assert len(vectorized.task_chunks(tasks, True)) > len(vectorized.task_chunks(tasks, False))
+        for second_order in (True, False):
+            chunks = vectorized.task_chunks(tasks, second_order)
+            expected = -(-images // vectorized.images_per_chunk(second_order))
+            assert len(chunks) == expected and sum(len(c) for c in chunks) == 32
+        torch.set_num_threads(1)
+        assert vectorized.images_per_chunk(False) == vectorized.images_per_chunk(True) \
+            == vectorized.CPU_IMAGES_PER_CHUNK
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _relative(a, b) -> float:
     return float(sum((x - y).pow(2).sum() for x, y in zip(a, b)).sqrt() / sum(x.pow(2).sum() for x in a).sqrt())
 
@@ -96,7 +125,7 @@ def _relative(a, b) -> float:
 @pytest.mark.parametrize("images_per_chunk", [10_000, 12, 1])  # 4 tasks of 6 images: 1, 2 and 4 chunks
 def test_vectorized_meta_gradient_equals_per_task_loop_conv4(omniglot, cls, first_order, steps, images_per_chunk,
                                                              monkeypatch):
-    monkeypatch.setattr(vectorized, "CPU_IMAGES_PER_CHUNK", images_per_chunk)
+    _chunk_images(monkeypatch, images_per_chunk)
     random.seed(3)
     tasks = cached_episodes(omniglot["train"]).sample_batch(4)
     tasks = TaskBatch(tasks.support_x.double(), tasks.support_y, tasks.query_x.double(), tasks.query_y)
@@ -104,7 +133,7 @@ def test_vectorized_meta_gradient_equals_per_task_loop_conv4(omniglot, cls, firs
     model = Conv4(3, hidden=8).double()
     ref_stats, reference = _meta_gradient(cls, model, tasks, "classification", 0.4, steps, first_order, "off")
     fast_stats, fast = _meta_gradient(cls, model, tasks, "classification", 0.4, steps, first_order, "on")
-    assert len(vectorized.task_chunks(tasks)) == {10_000: 1, 12: 2, 1: 4}[images_per_chunk]
+    assert len(vectorized.task_chunks(tasks, second_order=True)) == {10_000: 1, 12: 2, 1: 4}[images_per_chunk]
     assert _relative(reference, fast) < 1e-10  # float64: the same computation up to rounding
     assert fast_stats["loss"] == pytest.approx(ref_stats["loss"], rel=1e-10)
     assert fast_stats["acc"] == pytest.approx(ref_stats["acc"])
@@ -251,7 +280,7 @@ def _assert_same_step(cls, make_model, tasks, task_type, **cfg):
 @pytest.mark.parametrize("images_per_chunk", [10_000, 12])  # 4 tasks of 6 images: 1 and 2 chunks
 def test_metasgd_and_anil_fast_path_equal_per_task_loop_conv4(omniglot, cls, first_order, steps, images_per_chunk,
                                                               monkeypatch):
-    monkeypatch.setattr(vectorized, "CPU_IMAGES_PER_CHUNK", images_per_chunk)
+    _chunk_images(monkeypatch, images_per_chunk)
     random.seed(3)
     tasks = _double(cached_episodes(omniglot["train"]).sample_batch(4))
     reference = _assert_same_step(cls, lambda: Conv4(3, hidden=8).double(), tasks, "classification",
@@ -264,7 +293,7 @@ def test_metasgd_and_anil_fast_path_equal_per_task_loop_conv4(omniglot, cls, fir
 
 @pytest.mark.parametrize("steps,images_per_chunk", [(1, 10_000), (3, 10_000), (3, 18)])
 def test_reptile_fast_path_equals_per_task_loop_conv4(omniglot, steps, images_per_chunk, monkeypatch):
-    monkeypatch.setattr(vectorized, "CPU_IMAGES_PER_CHUNK", images_per_chunk)
+    _chunk_images(monkeypatch, images_per_chunk)
     random.seed(8)
     tasks = _double(cached_episodes(omniglot["train"]).sample_batch(4))
     reference = _assert_same_step(Reptile, lambda: Conv4(3, hidden=8).double(), tasks, "classification",
@@ -286,7 +315,7 @@ def test_reptile_fast_path_with_fresh_adam_and_mini_batches_equals_per_task_loop
     """A fresh inner Adam (beta1 = 0 as Nichol et al., and 0.9) and supervised-reptile's mini-batches on the fast
     path: float64 pseudo-gradients equal the per-task loop's (torch.optim.Adam per task, the same mini-batches drawn
     from the global RNG in the same order, which is left in the same state)."""
-    monkeypatch.setattr(vectorized, "CPU_IMAGES_PER_CHUNK", images_per_chunk)
+    _chunk_images(monkeypatch, images_per_chunk)
     random.seed(9)
     tasks = _double(cached_episodes(omniglot["train"]).sample_batch(4))
     for betas in ([0.0, 0.999], [0.9, 0.999]):

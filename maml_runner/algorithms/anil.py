@@ -60,7 +60,7 @@ class ANIL(MetaAlgorithm):
             return super().train_step(tasks, iteration)
         return train_step_in_chunks(self, tasks, iteration, lambda chunk: adapt_head_and_query_grouped(
             self.model, chunk, float(self.head.lr), int(self.cfg.inner_steps), self.use_first_order(iteration),
-            self.loss_fn))
+            self.loss_fn), second_order=False)  # second order in the head only: the body has no double backward
 
 
 class HeadAdapted(nn.Module):

@@ -65,4 +65,4 @@ class MAML(MetaAlgorithm):
             return super().train_step(tasks, iteration)
         return train_step_in_chunks(self, tasks, iteration, lambda chunk: adapt_and_query(
             self.model, chunk, float(self.maml.lr), int(self.cfg.inner_steps), self.use_first_order(iteration),
-            self.loss_fn, adapted=self.adapted))
+            self.loss_fn, adapted=self.adapted), second_order=not self.use_first_order(iteration))

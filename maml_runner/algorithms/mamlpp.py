@@ -157,7 +157,7 @@ class MAMLPlusPlus(MetaAlgorithm):
         weights = self.step_weights(iteration)
         return train_step_in_chunks(self, tasks, iteration, lambda chunk: adapt_and_query_grouped(
             self.model, chunk, self.inner_rate(), self.train_steps, self.first_order_at(iteration), self.loss_fn,
-            adapted=self.adapted, step_weights=weights))
+            adapted=self.adapted, step_weights=weights), second_order=not self.first_order_at(iteration))
 
     def extra_scalars(self) -> dict[str, float]:
         scalars = {}

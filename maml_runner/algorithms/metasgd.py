@@ -63,7 +63,7 @@ class MetaSGD(MetaAlgorithm):
             return super().train_step(tasks, iteration)
         return train_step_in_chunks(self, tasks, iteration, lambda chunk: adapt_and_query(
             self.model, chunk, self.inner_rate(), int(self.cfg.inner_steps), self.use_first_order(iteration),
-            self.loss_fn))
+            self.loss_fn), second_order=not self.use_first_order(iteration))
 
     def learned_rate_parameters(self):
         return list(self.meta_sgd.lrs)

@@ -157,7 +157,7 @@ class Reptile(MetaAlgorithm):
         """`_adapt_per_task` with the inner loops of each chunk of tasks run at once."""
         adapted_sum = [torch.zeros_like(p) for p in self.model.parameters()]
         losses, predictions = [], []
-        for chunk in task_chunks(tasks):
+        for chunk in task_chunks(tasks, second_order=False):
             x = torch.cat([chunk.support_x, chunk.query_x], dim=1)
             y = torch.cat([chunk.support_y, chunk.query_y], dim=1)
             steps = int(self.cfg.inner_steps)

@@ -44,19 +44,30 @@ CPU_MAX_PIXELS_PER_TASK = CPU_MAX_IMAGES_PER_TASK * 28 * 28
 
 # On CPU the vectorized step runs the meta-batch in chunks of about this many images (support + query): the
 # elementwise passes of batch norm's double backward are memory-bound, and chunks keep activations in cache.
-# Measured (2-core CPU, 2 threads, meta-batch 32, s/iter of the train step by tasks per chunk 32/16/8/4/1):
-# MAML 5w1s 0.194/0.152/0.162/0.183/0.332, FOMAML 5w1s 0.081/0.062/0.067/0.084/0.141, MAML 20w1s (40 images per
-# task) 0.645/0.545/0.451/0.459/0.622. Other devices: one chunk (a GPU wants the big batch).
-CPU_IMAGES_PER_CHUNK = 256
+# Measured side by side (docs/benchmarks.md "Chunk sizes", 2026-11-26, quiet 2-core CPU, per-task loop / fast path):
+# 128 images beat 256 for every second-order step (MAML 5w1s 1.72 -> 1.93x at 2 threads, 1.36 -> 1.53x at 1;
+# MAML++, Meta-SGD alike; 20w1s: 160 beat 320 and 640) and for every step at 1 thread; first-order steps (FOMAML,
+# Reptile, ANIL, whose body has no double backward) with 2 threads did better with 256 (FOMAML 2.51 vs 2.35x, ANIL
+# 3.07 vs 2.71x): more work per op to share between threads. Other devices: one chunk (a GPU wants the big batch).
+CPU_IMAGES_PER_CHUNK = 128
+CPU_FIRST_ORDER_CHUNK_FACTOR = 2  # first-order steps with several intra-op threads: chunks this many times larger
 
 
-def task_chunks(tasks: TaskBatch) -> list[TaskBatch]:
-    """The meta-batch split for the vectorized step: equal chunks of about CPU_IMAGES_PER_CHUNK images on CPU."""
+def images_per_chunk(second_order: bool) -> int:
+    """CPU chunk size for a step that does (`second_order`) or does not differentiate through the body's inner
+    gradient."""
+    if second_order or torch.get_num_threads() == 1:
+        return CPU_IMAGES_PER_CHUNK
+    return CPU_IMAGES_PER_CHUNK * CPU_FIRST_ORDER_CHUNK_FACTOR
+
+
+def task_chunks(tasks: TaskBatch, second_order: bool) -> list[TaskBatch]:
+    """The meta-batch split for the vectorized step: equal chunks of about `images_per_chunk` images on CPU."""
     count = len(tasks)
     if tasks.support_x.device.type != "cpu" or tasks.support_x.dim() <= 3:
         return [tasks]
     images = count * (tasks.support_x.shape[1] + tasks.query_x.shape[1])
-    chunks = min(count, -(-images // CPU_IMAGES_PER_CHUNK))
+    chunks = min(count, -(-images // images_per_chunk(second_order)))
     size = -(-count // chunks)
     return [tasks.slice(start, start + size) for start in range(0, count, size)]
 
@@ -204,13 +215,14 @@ class _GroupedAdam:
         return updated
 
 
-def train_step_in_chunks(algorithm, tasks: TaskBatch, iteration: int, adapt_and_query_chunk) -> dict[str, float]:
+def train_step_in_chunks(algorithm, tasks: TaskBatch, iteration: int, adapt_and_query_chunk,
+                         second_order: bool) -> dict[str, float]:
     """The base loop's semantics (mean of the per-task query losses, mean per-task accuracy, `finish_step`) with
-    `adapt_and_query_chunk(chunk) -> (per-task losses, predictions)` run on each of `task_chunks(tasks)`: one
-    backward per chunk, the gradient of the mean accumulated."""
+    `adapt_and_query_chunk(chunk) -> (per-task losses, predictions)` run on each of `task_chunks(tasks,
+    second_order)`: one backward per chunk, the gradient of the mean accumulated."""
     algorithm.optimizer.zero_grad(set_to_none=True)
     losses, predictions = [], []
-    for chunk in task_chunks(tasks):
+    for chunk in task_chunks(tasks, second_order):
         chunk_losses, chunk_predictions = adapt_and_query_chunk(chunk)
         (chunk_losses.sum() / len(tasks)).backward()
         losses.append(chunk_losses.detach())
