@@ -11,14 +11,18 @@ Two experiments, each alternating its variants so that load changes hit both ali
   first meta-batch (same weights, same tasks).
 * `compile`: the same step with the grouped forward eager vs `torch.compile`d (hardware.compile=true; first-order
   algorithms). The warm-up, which includes the compilation, is printed apart.
+* `batchnorm`: the same step with torch's native `batch_norm` (and its double backward) vs batch norm composed of
+  mean / var / rsqrt, which autograd differentiates op by op (vectorized._CompositeBatchNorm, the vmap fallback's).
 
     .venv/bin/python scripts/bench_formulations.py conv
     .venv/bin/python scripts/bench_formulations.py precision --cases 20w1s:maml 20w1s:fomaml 5w1s:maml
     .venv/bin/python scripts/bench_formulations.py compile --cases 20w1s:fomaml 5w1s:fomaml 5w1s:reptile
+    .venv/bin/python scripts/bench_formulations.py batchnorm --cases 5w1s:maml 20w1s:maml
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import tempfile
@@ -79,10 +83,12 @@ def bench_conv(repeats: int) -> None:
 
 
 def bench_step(experiment: str, cases: list[str], root: str, repeats: int, device: str) -> None:
-    """The whole train_step, baseline vs variant: `precision` (float32 vs bf16 autocast) or `compile` (the grouped
-    forward eager vs torch.compile, hardware.compile; first-order algorithms only). Same weights, same tasks."""
+    """The whole train_step, baseline vs variant: `precision` (float32 vs bf16 autocast), `compile` (the grouped
+    forward eager vs torch.compile, hardware.compile; first-order algorithms only) or `batchnorm` (native vs
+    composite batch norm). Same weights, same tasks."""
     from hydra import compose, initialize_config_dir
 
+    from maml_runner.algorithms.vectorized import _CompositeBatchNorm
     from maml_runner.hardware import compile_fast_path
     from maml_runner.train import build
     for case in cases:
@@ -106,7 +112,9 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
             meta.load_state_dict(start)
             if experiment == "compile":
                 meta.model.grouped_forward = compiled if variant else eager
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=variant and experiment == "precision"):
+            composite = _CompositeBatchNorm() if variant and experiment == "batchnorm" else contextlib.nullcontext()
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=variant and experiment == "precision"), \
+                    composite:
                 meta.train_step(tasks[index[0] % repeats], 10)
             if variant not in gradients:
                 gradients[variant] = torch.cat([p.grad.flatten() for p in meta.parameters() if p.grad is not None])
@@ -120,7 +128,8 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
         warm = time.perf_counter() - warm
         base, variant = median_pair(lambda: step(False, counters[0]), lambda: step(True, counters[1]), repeats)
         g_base, g_variant = gradients[False], gradients[True]
-        names = {"precision": ("float32", "bf16 autocast"), "compile": ("eager", "torch.compile")}[experiment]
+        names = {"precision": ("float32", "bf16 autocast"), "compile": ("eager", "torch.compile"),
+                 "batchnorm": ("native batch_norm", "composite batch norm")}[experiment]
         print(f"{case}: {names[0]} {base:.3f} s/iter | {names[1]} {variant:.3f} s/iter | RATIO {base / variant:.2f} | "
               f"meta-gradient relative difference {float((g_base - g_variant).norm() / g_base.norm()):.3f}, cosine "
               f"{float(F.cosine_similarity(g_base, g_variant, 0)):.3f} | warm-up {warm:.0f} s", flush=True)
@@ -128,9 +137,10 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("experiment", choices=("conv", "precision", "compile"))
+    parser.add_argument("experiment", choices=("conv", "precision", "compile", "batchnorm"))
     parser.add_argument("--cases", nargs="+", default=None, help="setting:algorithm (default: 20w1s:maml "
-                        "20w1s:fomaml 5w1s:maml; for compile 20w1s:fomaml 5w1s:fomaml 5w1s:reptile)")
+                        "20w1s:fomaml 5w1s:maml; for compile 20w1s:fomaml 5w1s:fomaml 5w1s:reptile; for batchnorm "
+                        "5w1s:maml 20w1s:maml)")
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
@@ -141,8 +151,9 @@ def main() -> None:
     if args.experiment == "conv":
         bench_conv(args.repeats)
     else:
-        cases = args.cases or (["20w1s:fomaml", "5w1s:fomaml", "5w1s:reptile"] if args.experiment == "compile"
-                               else ["20w1s:maml", "20w1s:fomaml", "5w1s:maml"])
+        cases = args.cases or {"compile": ["20w1s:fomaml", "5w1s:fomaml", "5w1s:reptile"],
+                               "batchnorm": ["5w1s:maml", "20w1s:maml"]}.get(
+                                   args.experiment, ["20w1s:maml", "20w1s:fomaml", "5w1s:maml"])
         bench_step(args.experiment, cases, args.root, args.repeats, args.device)
 
 
