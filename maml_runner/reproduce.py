@@ -135,6 +135,8 @@ def markdown(name: str, spec: dict, rows: list[dict], budget: float) -> str:
                   f"what each cell trained.", ""]
     else:
         lines += ["Full budget: every cell trained for the paper's number of iterations.", ""]
+    if len(rows) < len(spec["cells"]):  # --cells, or cells still to run: the table is not the paper's whole table
+        lines += [f"This table holds {len(rows)} of the paper table's {len(spec['cells'])} cells.", ""]
     lines += ["| method | setting | ours | paper | difference | iterations (ours / paper) | test tasks | eval steps "
               "| status |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
