@@ -1,6 +1,6 @@
 """Candidate formulations of the fast path's step, measured side by side in one process (issue 17's 20-way work).
 
-Two experiments, each alternating its variants so that load changes hit both alike; every ratio is baseline / variant
+Four experiments, each alternating its variants so that load changes hit both alike; every ratio is baseline / variant
 (> 1: the variant is faster):
 
 * `conv`: one task-grouped convolution layer of the 20-way meta-batch (T=16 tasks, N=20 images, 64 filters), forward,

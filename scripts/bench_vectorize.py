@@ -81,35 +81,38 @@ def run_case(case, args, root, notes) -> float:
     states = {name: build(case, args, root, notes, name.split("@")[0]) for name in settings}
     times = {name: [] for name in settings}
     difference = None
-    for i in range(args.iterations + 1):  # i = 0 warms up (not timed)
-        gradients = {}
-        shift = i % len(settings)
-        for name in settings[shift:] + settings[:shift]:  # each setting goes first equally often
-            if "@" in name:  # exactly this many images per chunk, first or second order
-                vectorized.CPU_IMAGES_PER_CHUNK = int(name.split("@")[1])
-                vectorized.CPU_FIRST_ORDER_CHUNK_FACTOR = 1
-            random.seed(2000 + i)  # every setting draws the same tasks
-            elapsed, gradients[name], tasks = step(states[name], args.meta_batch, iteration)
-            if i:
-                times[name].append(elapsed)
-        if i == 0:
-            difference = relative_difference(gradients["off"], gradients[settings[1]])
-            fast_path = states[settings[1]][1].vectorized_for(tasks)
-    vectorized.CPU_IMAGES_PER_CHUNK, vectorized.CPU_FIRST_ORDER_CHUNK_FACTOR = default_size, default_factor
+    try:
+        for i in range(args.iterations + 1):  # i = 0 warms up (not timed)
+            gradients = {}
+            shift = i % len(settings)
+            for name in settings[shift:] + settings[:shift]:  # each setting goes first equally often
+                if "@" in name:  # exactly this many images per chunk, first or second order
+                    vectorized.CPU_IMAGES_PER_CHUNK = int(name.split("@")[1])
+                    vectorized.CPU_FIRST_ORDER_CHUNK_FACTOR = 1
+                random.seed(2000 + i)  # every setting draws the same tasks
+                elapsed, gradients[name], tasks = step(states[name], args.meta_batch, iteration)
+                if i:
+                    times[name].append(elapsed)
+            if i == 0:
+                difference = relative_difference(gradients["off"], gradients[settings[1]])
+                fast_path = states[settings[1]][1].vectorized_for(tasks)
+    finally:  # the module's chunk rule again, whatever happened
+        vectorized.CPU_IMAGES_PER_CHUNK, vectorized.CPU_FIRST_ORDER_CHUNK_FACTOR = default_size, default_factor
     off = statistics.median(times["off"])
     on = {name: statistics.median(times[name]) for name in settings[1:]}
     best = min(on, key=on.get)
     if args.chunk_images:
         print(f"{case:16s} per-task loop {off:7.3f} s/iter | " + "  ".join(
             f"chunk {name.split('@')[1]} images {on[name]:7.3f} ({off / on[name]:4.2f}x)" for name in on), flush=True)
-    print(f"{case:16s} per-task loop {off:7.3f} s/iter  vectorized {on[best]:7.3f} s/iter  ratio {off / on[best]:5.2f}  "
+    print(f"{case:16s} per-task loop {off:7.3f} s/iter  vectorized {on[best]:7.3f} s/iter  "
+          f"ratio {off / on[best]:5.2f}  "
           f"(vectorized: {fast_path}; first meta-gradient rel diff f32 {difference:.1e})", flush=True)
     return off / on[best]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", default=[c for c in ALL_CASES if c.startswith("mamlpp") and not c.endswith("20w5s")],
+    parser.add_argument("--cases", nargs="+", default=["mamlpp_5w1s", "mamlpp_20w1s", "mamlpp_sinusoid"],
                         choices=ALL_CASES + list(GROUPS), help="cases, or all_<dataset> for every algorithm")
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations per setting and case")
     parser.add_argument("--meta-batch", type=int, default=32)
