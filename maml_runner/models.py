@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .grouped_conv import grouped_conv2d as task_grouped_conv2d
 from .schema import HEAD_FEATURES
 
 BN_MODES = ("transductive", "running", "none")
@@ -124,8 +125,8 @@ def grouped_conv2d(conv: nn.Conv2d, x: torch.Tensor, params: dict, prefix: str, 
         out = F.conv2d(x.reshape(n * tasks, -1, *x.shape[2:]), weight, bias, conv.stride, conv.padding,
                        conv.dilation)
         return out.reshape(n, -1, *out.shape[2:])
-    return F.conv2d(x, weight.reshape(-1, *weight.shape[2:]), None if bias is None else bias.reshape(-1),
-                    conv.stride, conv.padding, conv.dilation, groups=tasks)
+    return task_grouped_conv2d(x, weight.reshape(-1, *weight.shape[2:]), None if bias is None else bias.reshape(-1),
+                               conv.stride, conv.padding, conv.dilation, tasks)
 
 
 def grouped_norm(norm: nn.Module, x: torch.Tensor, params: dict, prefix: str, tasks: int, step: int) -> torch.Tensor:

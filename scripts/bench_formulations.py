@@ -1,6 +1,6 @@
 """Candidate formulations of the fast path's step, measured side by side in one process (issue 17's 20-way work).
 
-Four experiments, each alternating its variants so that load changes hit both alike; every ratio is baseline / variant
+Five experiments, each alternating its variants so that load changes hit both alike; every ratio is baseline / variant
 (> 1: the variant is faster):
 
 * `conv`: one task-grouped convolution layer of the 20-way meta-batch (T=16 tasks, N=20 images, 64 filters), forward,
@@ -13,11 +13,14 @@ Four experiments, each alternating its variants so that load changes hit both al
   algorithms). The warm-up, which includes the compilation, is printed apart.
 * `batchnorm`: the same step with torch's native `batch_norm` (and its double backward) vs batch norm composed of
   mean / var / rsqrt, which autograd differentiates op by op (vectorized._CompositeBatchNorm, the vmap fallback's).
+* `convgrad`: the same step with torch's own derivative rules for the grouped convolutions vs the runner's
+  (maml_runner/grouped_conv.py: transposed convolutions and filter gradients, to any order; on CPU by default).
 
     .venv/bin/python scripts/bench_formulations.py conv
     .venv/bin/python scripts/bench_formulations.py precision --cases 20w1s:maml 20w1s:fomaml 5w1s:maml
     .venv/bin/python scripts/bench_formulations.py compile --cases 20w1s:fomaml 5w1s:fomaml 5w1s:reptile
     .venv/bin/python scripts/bench_formulations.py batchnorm --cases 5w1s:maml 20w1s:maml
+    .venv/bin/python scripts/bench_formulations.py convgrad --threads 2 --repeats 9
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS, IMAGES, FILTERS = 16, 20, 64
+CONVGRAD_CASES = ["5w1s:maml", "5w1s:fomaml", "20w1s:maml", "20w1s:fomaml", "5w1s:mamlpp", "5w1s:metasgd",
+                  "5w1s:anil", "5w1s:reptile"]
 
 
 def grouped_conv(x, w, b):
@@ -85,8 +90,11 @@ def bench_conv(repeats: int) -> None:
 def bench_step(experiment: str, cases: list[str], root: str, repeats: int, device: str) -> None:
     """The whole train_step, baseline vs variant: `precision` (float32 vs bf16 autocast), `compile` (the grouped
     forward eager vs torch.compile, hardware.compile; first-order algorithms only) or `batchnorm` (native vs
-    composite batch norm). Same weights, same tasks."""
+    composite batch norm) or `convgrad` (torch's derivative rules for the grouped convolutions vs grouped_conv's).
+    Same weights, same tasks."""
     from hydra import compose, initialize_config_dir
+
+    from maml_runner import grouped_conv
 
     from maml_runner.algorithms.vectorized import _CompositeBatchNorm
     from maml_runner.hardware import compile_fast_path
@@ -113,6 +121,8 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
             if experiment == "compile":
                 meta.model.grouped_forward = compiled if variant else eager
             composite = _CompositeBatchNorm() if variant and experiment == "batchnorm" else contextlib.nullcontext()
+            # convgrad's baseline: torch's own rules; every other experiment runs with the runner's default.
+            grouped_conv.EXPLICIT_BACKWARD_ON_CPU = variant or experiment != "convgrad"
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=variant and experiment == "precision"), \
                     composite:
                 meta.train_step(tasks[index[0] % repeats], 10)
@@ -129,7 +139,8 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
         base, variant = median_pair(lambda: step(False, counters[0]), lambda: step(True, counters[1]), repeats)
         g_base, g_variant = gradients[False], gradients[True]
         names = {"precision": ("float32", "bf16 autocast"), "compile": ("eager", "torch.compile"),
-                 "batchnorm": ("native batch_norm", "composite batch norm")}[experiment]
+                 "batchnorm": ("native batch_norm", "composite batch norm"),
+                 "convgrad": ("torch's conv derivatives", "grouped_conv's")}[experiment]
         print(f"{case}: {names[0]} {base:.3f} s/iter | {names[1]} {variant:.3f} s/iter | RATIO {base / variant:.2f} | "
               f"meta-gradient relative difference {float((g_base - g_variant).norm() / g_base.norm()):.3f}, cosine "
               f"{float(F.cosine_similarity(g_base, g_variant, 0)):.3f} | warm-up {warm:.0f} s", flush=True)
@@ -137,10 +148,10 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("experiment", choices=("conv", "precision", "compile", "batchnorm"))
+    parser.add_argument("experiment", choices=("conv", "precision", "compile", "batchnorm", "convgrad"))
     parser.add_argument("--cases", nargs="+", default=None, help="setting:algorithm (default: 20w1s:maml "
                         "20w1s:fomaml 5w1s:maml; for compile 20w1s:fomaml 5w1s:fomaml 5w1s:reptile; for batchnorm "
-                        "5w1s:maml 20w1s:maml)")
+                        "5w1s:maml 20w1s:maml; for convgrad " + " ".join(CONVGRAD_CASES) + ")")
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
@@ -152,7 +163,7 @@ def main() -> None:
         bench_conv(args.repeats)
     else:
         cases = args.cases or {"compile": ["20w1s:fomaml", "5w1s:fomaml", "5w1s:reptile"],
-                               "batchnorm": ["5w1s:maml", "20w1s:maml"]}.get(
+                               "batchnorm": ["5w1s:maml", "20w1s:maml"], "convgrad": CONVGRAD_CASES}.get(
                                    args.experiment, ["20w1s:maml", "20w1s:fomaml", "5w1s:maml"])
         bench_step(args.experiment, cases, args.root, args.repeats, args.device)
 

@@ -1,0 +1,76 @@
+"""grouped_conv: the task-grouped convolution whose derivatives (any order) are convolutions, against torch's own."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maml_runner import grouped_conv
+from maml_runner.grouped_conv import grouped_conv2d, use_explicit_backward
+
+# (input side, input channels per group, groups, stride, padding, dilation, bias): odd and even sides, so that a
+# strided convolution drops an edge row that the transposed convolution must restore (output_padding).
+GEOMETRIES = [(7, 2, 3, 2, 1, 1, True), (6, 2, 2, 2, 1, 1, False), (5, 1, 2, 1, 0, 1, True),
+              (8, 3, 1, 2, 0, 1, True), (9, 2, 2, 1, 2, 2, False)]
+
+
+def _inputs(side, cin, groups, bias, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, groups * cin, side, side, dtype=torch.float64, generator=generator, requires_grad=True)
+    w = torch.randn(groups * 3, cin, 3, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    b = torch.randn(groups * 3, dtype=torch.float64, generator=generator, requires_grad=True) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("side,cin,groups,stride,padding,dilation,bias", GEOMETRIES)
+def test_first_and_second_derivatives_pass_finite_differences(side, cin, groups, stride, padding, dilation, bias):
+    x, w, b = _inputs(side, cin, groups, bias)
+    inputs = (x, w) + ((b,) if bias else ())
+
+    def conv(x, w, b=None):
+        return grouped_conv2d(x, w, b, stride, padding, dilation, groups)
+
+    assert torch.autograd.gradcheck(conv, inputs)
+    assert torch.autograd.gradgradcheck(conv, inputs)
+
+
+def _second_order_quantities(conv, x, w, b):
+    """What second-order MAML differentiates: the loss after one inner step on the filters, and its gradients
+    with respect to the input and the filters before the step."""
+    params = [w] + ([b] if b is not None else [])
+    loss = (conv(x, w, b).tanh() ** 2).sum()
+    gradients = torch.autograd.grad(loss, [x] + params, create_graph=True)
+    stepped = [p - 0.1 * g for p, g in zip(params, gradients[1:])] + [None]
+    outer = (conv(x + 0.1 * gradients[0], stepped[0], stepped[1]).sin()).sum()
+    return [loss, *gradients, outer, *torch.autograd.grad(outer, [x] + params)]
+
+
+@pytest.mark.parametrize("side,cin,groups,stride,padding,dilation,bias", GEOMETRIES)
+def test_same_numbers_as_torchs_rules_through_an_inner_step(side, cin, groups, stride, padding, dilation, bias):
+    x, w, b = _inputs(side, cin, groups, bias, seed=1)
+    ours = _second_order_quantities(lambda *a: grouped_conv2d(*a, stride, padding, dilation, groups), x, w, b)
+    torchs = _second_order_quantities(lambda *a: F.conv2d(*a, stride, padding, dilation, groups), x, w, b)
+    assert len(ours) == len(torchs) == (8 if bias else 6)
+    for a, b_ in zip(ours, torchs):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-10)
+
+
+def test_the_input_gradient_is_skipped_where_the_input_needs_none():
+    """The first layer's input is images: no transposed convolution is run for it (and none is returned)."""
+    x, w, b = _inputs(6, 1, 2, True)
+    x = x.detach()
+    out = grouped_conv2d(x, w, b, 2, 1, 1, 2)
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "_ConvBackward"
+    gw, = torch.autograd.grad(out.sum(), [w])
+    torch.testing.assert_close(gw, torch.autograd.grad(F.conv2d(x, w, b, 2, 1, 1, 2).sum(), [w])[0])
+    assert x.grad is None
+
+
+def test_used_only_where_measured(monkeypatch):
+    x = torch.zeros(1, 2, 4, 4)
+    assert use_explicit_backward(x, 1)
+    assert not use_explicit_backward(x, "same")  # string padding: torch's own convolution
+    if torch.cuda.is_available():
+        assert not use_explicit_backward(x.cuda(), 1)
+    monkeypatch.setattr(grouped_conv, "EXPLICIT_BACKWARD_ON_CPU", False)
+    assert not use_explicit_backward(x, 1)
+    w = torch.randn(4, 1, 3, 3, requires_grad=True)
+    assert type(grouped_conv2d(x, w, None, 1, 1, 1, 2).grad_fn).__name__ == "ConvolutionBackward0"
