@@ -16,10 +16,13 @@ operations, each with its backward written in the same three:
 
 A backward that runs without create_graph (first-order algorithms, the outer pass) calls torch's fused
 `convolution_backward` as F.conv2d would. Same values as torch's rules up to float rounding (float64 tests against
-F.conv2d's first and second derivatives). Used on CPU only (`use_explicit_backward`): that is where it was measured (docs/benchmarks.md, "Convolution
-derivatives"); CUDA and compiled graphs keep torch's native rules.
+F.conv2d's first and second derivatives). Used in second-order steps on CPU only (`second_order_step`, `use_explicit_backward`): that is where it was
+measured (docs/benchmarks.md, "Convolution derivatives"); first-order steps, CUDA and compiled graphs keep torch's
+native rules.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 # Off: every grouped convolution uses torch's own derivative rules (scripts/bench_formulations.py convgrad flips it
 # to time both side by side).
 EXPLICIT_BACKWARD_ON_CPU = True
+_in_second_order_step = False
 
 Pair = tuple[int, int]
 
@@ -35,10 +39,24 @@ def _pair(value) -> Pair:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
+@contextlib.contextmanager
+def second_order_step(enabled: bool = True):
+    """Inside: convolutions take this module's derivatives (`use_explicit_backward`). Around the inner loops whose
+    backward is differentiated (algorithms/vectorized.py, second order); elsewhere F.conv2d as it is, since a
+    first-order step gains nothing from them (0.95-1.00x, docs/benchmarks.md)."""
+    global _in_second_order_step
+    previous, _in_second_order_step = _in_second_order_step, enabled
+    try:
+        yield
+    finally:
+        _in_second_order_step = previous
+
+
 def use_explicit_backward(x: torch.Tensor, padding) -> bool:
-    """Whether `grouped_conv2d` takes this module's Functions for `x` (CPU, numeric padding, eager mode)."""
-    return (EXPLICIT_BACKWARD_ON_CPU and x.device.type == "cpu" and not isinstance(padding, str)
-            and not torch.compiler.is_compiling())
+    """Whether `grouped_conv2d` takes this module's Functions for `x`: inside `second_order_step`, on CPU, with
+    numeric padding, in eager mode."""
+    return (_in_second_order_step and EXPLICIT_BACKWARD_ON_CPU and x.device.type == "cpu"
+            and not isinstance(padding, str) and not torch.compiler.is_compiling())
 
 
 class _Conv(torch.autograd.Function):

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from maml_runner import grouped_conv
-from maml_runner.grouped_conv import grouped_conv2d, use_explicit_backward
+from maml_runner.grouped_conv import grouped_conv2d, second_order_step, use_explicit_backward
 
 # (input side, input channels per group, groups, stride, padding, dilation, bias): odd and even sides, so that a
 # strided convolution drops an edge row that the transposed convolution must restore (output_padding).
@@ -26,10 +26,13 @@ def test_first_and_second_derivatives_pass_finite_differences(side, cin, groups,
     inputs = (x, w) + ((b,) if bias else ())
 
     def conv(x, w, b=None):
-        return grouped_conv2d(x, w, b, stride, padding, dilation, groups)
+        out = grouped_conv2d(x, w, b, stride, padding, dilation, groups)
+        assert type(out.grad_fn).__name__ == "_ConvBackward"  # this module's, not torch's
+        return out
 
-    assert torch.autograd.gradcheck(conv, inputs)
-    assert torch.autograd.gradgradcheck(conv, inputs)
+    with second_order_step():
+        assert torch.autograd.gradcheck(conv, inputs)
+        assert torch.autograd.gradgradcheck(conv, inputs)
 
 
 def _second_order_quantities(conv, x, w, b):
@@ -46,7 +49,8 @@ def _second_order_quantities(conv, x, w, b):
 @pytest.mark.parametrize("side,cin,groups,stride,padding,dilation,bias", GEOMETRIES)
 def test_same_numbers_as_torchs_rules_through_an_inner_step(side, cin, groups, stride, padding, dilation, bias):
     x, w, b = _inputs(side, cin, groups, bias, seed=1)
-    ours = _second_order_quantities(lambda *a: grouped_conv2d(*a, stride, padding, dilation, groups), x, w, b)
+    with second_order_step():
+        ours = _second_order_quantities(lambda *a: grouped_conv2d(*a, stride, padding, dilation, groups), x, w, b)
     torchs = _second_order_quantities(lambda *a: F.conv2d(*a, stride, padding, dilation, groups), x, w, b)
     assert len(ours) == len(torchs) == (8 if bias else 6)
     for a, b_ in zip(ours, torchs):
@@ -57,7 +61,8 @@ def test_the_input_gradient_is_skipped_where_the_input_needs_none():
     """The first layer's input is images: no transposed convolution is run for it (and none is returned)."""
     x, w, b = _inputs(6, 1, 2, True)
     x = x.detach()
-    out = grouped_conv2d(x, w, b, 2, 1, 1, 2)
+    with second_order_step():
+        out = grouped_conv2d(x, w, b, 2, 1, 1, 2)
     assert out.grad_fn is not None and type(out.grad_fn).__name__ == "_ConvBackward"
     gw, = torch.autograd.grad(out.sum(), [w])
     torch.testing.assert_close(gw, torch.autograd.grad(F.conv2d(x, w, b, 2, 1, 1, 2).sum(), [w])[0])
@@ -65,12 +70,43 @@ def test_the_input_gradient_is_skipped_where_the_input_needs_none():
 
 
 def test_used_only_where_measured(monkeypatch):
+    """Second-order steps on CPU with numeric padding; first-order steps, CUDA and the switched-off module get
+    F.conv2d."""
     x = torch.zeros(1, 2, 4, 4)
-    assert use_explicit_backward(x, 1)
-    assert not use_explicit_backward(x, "same")  # string padding: torch's own convolution
-    if torch.cuda.is_available():
-        assert not use_explicit_backward(x.cuda(), 1)
-    monkeypatch.setattr(grouped_conv, "EXPLICIT_BACKWARD_ON_CPU", False)
-    assert not use_explicit_backward(x, 1)
     w = torch.randn(4, 1, 3, 3, requires_grad=True)
+    assert not use_explicit_backward(x, 1)  # outside a second-order step
     assert type(grouped_conv2d(x, w, None, 1, 1, 1, 2).grad_fn).__name__ == "ConvolutionBackward0"
+    with second_order_step():
+        assert use_explicit_backward(x, 1)
+        with second_order_step(False):  # nested first-order step (MAML++'s annealing phase)
+            assert not use_explicit_backward(x, 1)
+        assert use_explicit_backward(x, 1)
+        assert not use_explicit_backward(x, "same")  # string padding: torch's own convolution
+        if torch.cuda.is_available():
+            assert not use_explicit_backward(x.cuda(), 1)
+        monkeypatch.setattr(grouped_conv, "EXPLICIT_BACKWARD_ON_CPU", False)
+        assert not use_explicit_backward(x, 1)
+        assert type(grouped_conv2d(x, w, None, 1, 1, 1, 2).grad_fn).__name__ == "ConvolutionBackward0"
+    assert not use_explicit_backward(x, 1)
+
+
+def test_second_order_steps_of_the_fast_path_use_it(monkeypatch):
+    """MAML's vectorized step takes this module's convolution when second order and F.conv2d when first order."""
+    from maml_runner.algorithms import vectorized
+    from maml_runner.data.base import TaskBatch
+    from maml_runner.models import Conv4
+
+    seen = []
+    original = grouped_conv._Conv.apply
+    # Counted in the forward passes only (the outer backward calls it too, with grad mode off).
+    monkeypatch.setattr(grouped_conv._Conv, "apply", lambda *a: seen.append(torch.is_grad_enabled()) or original(*a))
+    model = Conv4(3, image_size=8)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 1, 8, 8, generator=generator)
+    labels = torch.arange(3).repeat(2, 1)
+    tasks = TaskBatch(images, labels, images, labels)
+    for first_order, expected in ((True, 0), (False, 8)):  # 4 convolutions, support and query
+        seen.clear()
+        losses, _ = vectorized.adapt_and_query_grouped(model, tasks, 0.1, 1, first_order, F.cross_entropy)
+        losses.sum().backward()
+        assert sum(seen) == expected

@@ -28,6 +28,7 @@ from torch.func import functional_call, grad, vmap
 from torch.overrides import TorchFunctionMode
 
 from ..data.base import TaskBatch
+from ..grouped_conv import second_order_step
 from ..models import running_statistics_reason
 from .inner_update import Rate, inner_update
 
@@ -143,12 +144,13 @@ def adapt_and_query_grouped(model: nn.Module, tasks: TaskBatch, inner_lr: Rate, 
         step_losses, weighted[1] = query(fast, step)
         weighted[0] = weighted[0] + step_weights[step] * step_losses
 
-    fast = _inner_loop(model.grouped_forward, _per_task_parameters(model, len(tasks)), tasks.support_x,
-                       tasks.support_y, inner_lr, steps, first_order, loss_fn, adapted,
-                       add_step_loss if step_weights is not None else None)
-    if step_weights is not None and steps > 0:
-        return weighted[0], weighted[1]
-    return query(fast, max(steps - 1, 0))
+    with second_order_step(not first_order):
+        fast = _inner_loop(model.grouped_forward, _per_task_parameters(model, len(tasks)), tasks.support_x,
+                           tasks.support_y, inner_lr, steps, first_order, loss_fn, adapted,
+                           add_step_loss if step_weights is not None else None)
+        if step_weights is not None and steps > 0:
+            return weighted[0], weighted[1]
+        return query(fast, max(steps - 1, 0))
 
 
 def adapt_head_and_query_grouped(model: nn.Module, tasks: TaskBatch, inner_lr: Rate, steps: int, first_order: bool,
