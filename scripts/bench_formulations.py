@@ -1,6 +1,6 @@
 """Candidate formulations of the fast path's step, measured side by side in one process (issue 17's 20-way work).
 
-Five experiments, each alternating its variants so that load changes hit both alike; every ratio is baseline / variant
+Six experiments, each alternating its variants so that load changes hit both alike; every ratio is baseline / variant
 (> 1: the variant is faster):
 
 * `conv`: one task-grouped convolution layer of the 20-way meta-batch (T=16 tasks, N=20 images, 64 filters), forward,
@@ -14,13 +14,16 @@ Five experiments, each alternating its variants so that load changes hit both al
 * `batchnorm`: the same step with torch's native `batch_norm` (and its double backward) vs batch norm composed of
   mean / var / rsqrt, which autograd differentiates op by op (vectorized._CompositeBatchNorm, the vmap fallback's).
 * `convgrad`: the same step with torch's own derivative rules for the grouped convolutions vs the runner's
-  (maml_runner/grouped_conv.py: transposed convolutions and filter gradients, to any order; on CPU by default).
+  (maml_runner/grouped_conv.py: transposed convolutions and filter gradients, to any order; CPU second-order steps).
+* `channelslast`: the same step with the images in torch's default layout vs channels-last (NHWC, which oneDNN's
+  strided backward-data kernels use; the other convolutions and batch norm follow the input's layout).
 
     .venv/bin/python scripts/bench_formulations.py conv
     .venv/bin/python scripts/bench_formulations.py precision --cases 20w1s:maml 20w1s:fomaml 5w1s:maml
     .venv/bin/python scripts/bench_formulations.py compile --cases 20w1s:fomaml 5w1s:fomaml 5w1s:reptile
     .venv/bin/python scripts/bench_formulations.py batchnorm --cases 5w1s:maml 20w1s:maml
-    .venv/bin/python scripts/bench_formulations.py convgrad --threads 2 --repeats 9
+    .venv/bin/python scripts/bench_formulations.py convgrad --threads 2 --repeats 15
+    .venv/bin/python scripts/bench_formulations.py channelslast --threads 2 --repeats 15 --cases 5w1s:maml 20w1s:maml
 """
 from __future__ import annotations
 
@@ -90,15 +93,15 @@ def bench_conv(repeats: int) -> None:
 def bench_step(experiment: str, cases: list[str], root: str, repeats: int, device: str) -> None:
     """The whole train_step, baseline vs variant: `precision` (float32 vs bf16 autocast), `compile` (the grouped
     forward eager vs torch.compile, hardware.compile; first-order algorithms only) or `batchnorm` (native vs
-    composite batch norm) or `convgrad` (torch's derivative rules for the grouped convolutions vs grouped_conv's).
-    Same weights, same tasks."""
+    composite batch norm), `convgrad` (torch's derivative rules for the grouped convolutions vs grouped_conv's) or
+    `channelslast` (the task-grouped images in the default layout vs channels-last). Same weights, same tasks."""
     from hydra import compose, initialize_config_dir
 
-    from maml_runner import grouped_conv
-
+    from maml_runner import grouped_conv, models
     from maml_runner.algorithms.vectorized import _CompositeBatchNorm
     from maml_runner.hardware import compile_fast_path
     from maml_runner.train import build
+    default_layout = models.images_to_grouped  # each step sets the layout of its variant from this one
     for case in cases:
         setting, algorithm = case.split(":")
         with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
@@ -123,6 +126,8 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
             composite = _CompositeBatchNorm() if variant and experiment == "batchnorm" else contextlib.nullcontext()
             # convgrad's baseline: torch's own rules; every other experiment runs with the runner's default.
             grouped_conv.EXPLICIT_BACKWARD_ON_CPU = variant or experiment != "convgrad"
+            models.images_to_grouped = (lambda x: default_layout(x).contiguous(memory_format=torch.channels_last)) \
+                if variant and experiment == "channelslast" else default_layout
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=variant and experiment == "precision"), \
                     composite:
                 meta.train_step(tasks[index[0] % repeats], 10)
@@ -140,7 +145,8 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
         g_base, g_variant = gradients[False], gradients[True]
         names = {"precision": ("float32", "bf16 autocast"), "compile": ("eager", "torch.compile"),
                  "batchnorm": ("native batch_norm", "composite batch norm"),
-                 "convgrad": ("torch's conv derivatives", "grouped_conv's")}[experiment]
+                 "convgrad": ("torch's conv derivatives", "grouped_conv's"),
+                 "channelslast": ("default layout", "channels-last")}[experiment]
         print(f"{case}: {names[0]} {base:.3f} s/iter | {names[1]} {variant:.3f} s/iter | RATIO {base / variant:.2f} | "
               f"meta-gradient relative difference {float((g_base - g_variant).norm() / g_base.norm()):.3f}, cosine "
               f"{float(F.cosine_similarity(g_base, g_variant, 0)):.3f} | warm-up {warm:.0f} s", flush=True)
@@ -148,10 +154,12 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("experiment", choices=("conv", "precision", "compile", "batchnorm", "convgrad"))
+    parser.add_argument("experiment", choices=("conv", "precision", "compile", "batchnorm", "convgrad",
+                                               "channelslast"))
     parser.add_argument("--cases", nargs="+", default=None, help="setting:algorithm (default: 20w1s:maml "
                         "20w1s:fomaml 5w1s:maml; for compile 20w1s:fomaml 5w1s:fomaml 5w1s:reptile; for batchnorm "
-                        "5w1s:maml 20w1s:maml; for convgrad " + " ".join(CONVGRAD_CASES) + ")")
+                        "5w1s:maml 20w1s:maml; for convgrad " + " ".join(CONVGRAD_CASES) + "; for channelslast "
+                        "5w1s:maml 20w1s:maml)")
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
@@ -163,7 +171,8 @@ def main() -> None:
         bench_conv(args.repeats)
     else:
         cases = args.cases or {"compile": ["20w1s:fomaml", "5w1s:fomaml", "5w1s:reptile"],
-                               "batchnorm": ["5w1s:maml", "20w1s:maml"], "convgrad": CONVGRAD_CASES}.get(
+                               "batchnorm": ["5w1s:maml", "20w1s:maml"], "convgrad": CONVGRAD_CASES,
+                               "channelslast": ["5w1s:maml", "20w1s:maml"]}.get(
                                    args.experiment, ["20w1s:maml", "20w1s:fomaml", "5w1s:maml"])
         bench_step(args.experiment, cases, args.root, args.repeats, args.device)
 
