@@ -27,9 +27,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-# Off: every grouped convolution uses torch's own derivative rules (scripts/bench_formulations.py convgrad flips it
-# to time both side by side).
-EXPLICIT_BACKWARD_ON_CPU = True
+# The device types where second-order steps use these derivatives: measured faster on CPU (docs/benchmarks.md);
+# scripts/bench_formulations.py convgrad sets it per variant to time both side by side (on CUDA too: gpu_check.sh).
+EXPLICIT_BACKWARD_DEVICES: tuple[str, ...] = ("cpu",)
 _in_second_order_step = False
 
 Pair = tuple[int, int]
@@ -53,9 +53,9 @@ def second_order_step(enabled: bool = True):
 
 
 def use_explicit_backward(x: torch.Tensor, padding) -> bool:
-    """Whether `grouped_conv2d` takes this module's Functions for `x`: inside `second_order_step`, on CPU, with
-    numeric padding, in eager mode."""
-    return (_in_second_order_step and EXPLICIT_BACKWARD_ON_CPU and x.device.type == "cpu"
+    """Whether `grouped_conv2d` takes this module's Functions for `x`: inside `second_order_step`, on a device of
+    EXPLICIT_BACKWARD_DEVICES, with numeric padding, in eager mode."""
+    return (_in_second_order_step and x.device.type in EXPLICIT_BACKWARD_DEVICES
             and not isinstance(padding, str) and not torch.compiler.is_compiling())
 
 

@@ -14,7 +14,8 @@ Six experiments, each alternating its variants so that load changes hit both ali
 * `batchnorm`: the same step with torch's native `batch_norm` (and its double backward) vs batch norm composed of
   mean / var / rsqrt, which autograd differentiates op by op (vectorized._CompositeBatchNorm, the vmap fallback's).
 * `convgrad`: the same step with torch's own derivative rules for the grouped convolutions vs the runner's
-  (maml_runner/grouped_conv.py: transposed convolutions and filter gradients, to any order; CPU second-order steps).
+  (maml_runner/grouped_conv.py: transposed convolutions and filter gradients, to any order; the runner uses them in
+  second-order steps on CPU; with --device cuda the variant uses them on the GPU).
 * `channelslast`: the same step with the images in torch's default layout vs channels-last (NHWC, which oneDNN's
   strided backward-data kernels use; the other convolutions and batch norm follow the input's layout).
 
@@ -102,6 +103,7 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
     from maml_runner.hardware import compile_fast_path
     from maml_runner.train import build
     default_layout = models.images_to_grouped  # each step sets the layout of its variant from this one
+    default_devices = grouped_conv.EXPLICIT_BACKWARD_DEVICES
     for case in cases:
         setting, algorithm = case.split(":")
         with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
@@ -124,8 +126,10 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
             if experiment == "compile":
                 meta.model.grouped_forward = compiled if variant else eager
             composite = _CompositeBatchNorm() if variant and experiment == "batchnorm" else contextlib.nullcontext()
-            # convgrad's baseline: torch's own rules; every other experiment runs with the runner's default.
-            grouped_conv.EXPLICIT_BACKWARD_ON_CPU = variant or experiment != "convgrad"
+            # convgrad: torch's own rules vs grouped_conv's on this device (also on CUDA, where the runner does not
+            # use them yet); every other experiment runs with the runner's default.
+            grouped_conv.EXPLICIT_BACKWARD_DEVICES = ((device_type,) if variant else ()) if experiment == "convgrad" \
+                else default_devices
             models.images_to_grouped = (lambda x: default_layout(x).contiguous(memory_format=torch.channels_last)) \
                 if variant and experiment == "channelslast" else default_layout
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=variant and experiment == "precision"), \

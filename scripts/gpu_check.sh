@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One short GPU check (<= 8 minutes on one GPU, whole script): the CUDA tests, scripts/bench_speed.py --device cuda
 # (reference and peer columns, Omniglot-shaped generated data), a timed 2,000-iteration 5w1s `maml-run` on CUDA and,
-# if time is left, bf16 autocast vs float32 and torch.compile of first-order steps (scripts/bench_formulations.py).
+# if time is left, bf16 autocast vs float32, torch.compile of first-order steps and grouped_conv's convolution
+# derivatives vs torch's (scripts/bench_formulations.py).
 # Writes a markdown summary (default $OUT/gpu_check.md, else outputs/gpu_check/gpu_check.md) as it goes, so a run cut
 # short still says what it did. Each stage has its own time limit and never runs past the overall deadline.
 #
@@ -196,6 +197,11 @@ run_stage bf16_autocast 60 "$PY" scripts/bench_formulations.py precision --devic
 run_stage compile_first_order 90 "$PY" scripts/bench_formulations.py compile --device cuda --repeats 5 \
   --root "$FIXTURE" --cases 20w1s:fomaml 5w1s:fomaml
 [ "$DRY_RUN" = 0 ] && grep -E 'RATIO' "$OUT_DIR/compile_first_order.log" | sed 's/^/  - /' | tee -a "$SUMMARY"
+
+# ---- 7. grouped_conv's convolution derivatives (CPU second-order steps) on the GPU, if time is left -------------
+run_stage convgrad_cuda 60 "$PY" scripts/bench_formulations.py convgrad --device cuda --repeats 5 \
+  --root "$FIXTURE" --cases 5w1s:maml 20w1s:maml
+[ "$DRY_RUN" = 0 ] && grep -E 'RATIO' "$OUT_DIR/convgrad_cuda.log" | sed 's/^/  - /' | tee -a "$SUMMARY"
 
 say ""
 say "Total $(( $(date +%s) - START )) s of ${BUDGET} s. Logs beside this file. Data: generated fixture (not Omniglot)."

@@ -84,7 +84,7 @@ def test_used_only_where_measured(monkeypatch):
         assert not use_explicit_backward(x, "same")  # string padding: torch's own convolution
         if torch.cuda.is_available():
             assert not use_explicit_backward(x.cuda(), 1)
-        monkeypatch.setattr(grouped_conv, "EXPLICIT_BACKWARD_ON_CPU", False)
+        monkeypatch.setattr(grouped_conv, "EXPLICIT_BACKWARD_DEVICES", ())
         assert not use_explicit_backward(x, 1)
         assert type(grouped_conv2d(x, w, None, 1, 1, 1, 2).grad_fn).__name__ == "ConvolutionBackward0"
     assert not use_explicit_backward(x, 1)
