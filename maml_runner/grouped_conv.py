@@ -1,11 +1,11 @@
-"""A task-grouped 2-d convolution whose derivatives, to any order, are convolutions torch runs fast on CPU.
+"""A task-grouped 2-d convolution whose derivatives, to any order, are convolutions torch runs well on CPU.
 
 Why: second-order MAML differentiates the inner step's convolution backward once more. Torch's own rule for that
 (`_convolution_double_backward`) computes the filter term of a grouped convolution as one small convolution per
-group (per task, with a copy of each slice), and its input gradient of a stride-2 convolution
-(`convolution_backward`) took 1.5-3x as long as the same product written as `conv_transpose2d` on this 2-core CPU.
-Here every derivative that is itself differentiated (the inner step's, under create_graph) is one of three grouped
-operations, each with its backward written in the same three:
+group (per task, on a copy of each slice), and the input gradient inside its fused `convolution_backward` was up to
+a few times slower than the same product written as `conv_transpose2d` (stride 2, this 2-core CPU; the gap varies
+between runs). Here every derivative that is itself differentiated (the inner step's, under create_graph) is one of
+three grouped operations, each with its backward written in the same three:
 
     y  = conv(x, w)               forward:        conv2d
     gx = input_grad(gy, w)        d y / d x:      conv_transpose2d
@@ -14,11 +14,11 @@ operations, each with its backward written in the same three:
     d input_grad:  gy <- conv(ggx, w),           w <- weight_grad(ggx, gy)
     d weight_grad: x  <- input_grad(gy, ggw),    gy <- conv(x, ggw)
 
-A backward that runs without create_graph (first-order algorithms, the outer pass) calls torch's fused
-`convolution_backward` as F.conv2d would. Same values as torch's rules up to float rounding (float64 tests against
-F.conv2d's first and second derivatives). Used in second-order steps on CPU only (`second_order_step`, `use_explicit_backward`): that is where it was
-measured (docs/benchmarks.md, "Convolution derivatives"); first-order steps, CUDA and compiled graphs keep torch's
-native rules.
+A backward that runs without create_graph (the outer pass) calls torch's fused `convolution_backward`, as F.conv2d
+would. Same values as torch's rules up to float rounding (float64 tests against F.conv2d's first and second
+derivatives). Used in second-order steps on CPU only (`second_order_step`, `EXPLICIT_BACKWARD_DEVICES`): that is
+where it was measured faster, 1.02-1.13x per train step (docs/benchmarks.md, "Convolution derivatives");
+first-order steps, CUDA and compiled graphs keep torch's own rules.
 """
 from __future__ import annotations
 
