@@ -17,8 +17,9 @@ three grouped operations, each with its backward written in the same three:
 A backward that runs without create_graph (the outer pass) calls torch's fused `convolution_backward`, as F.conv2d
 would. Same values as torch's rules up to float rounding (float64 tests against F.conv2d's first and second
 derivatives). Used in second-order steps on CPU only (`second_order_step`, `EXPLICIT_BACKWARD_DEVICES`): that is
-where it was measured faster, 1.02-1.13x per train step (docs/benchmarks.md, "Convolution derivatives");
-first-order steps, CUDA and compiled graphs keep torch's own rules.
+where it was measured faster, 1.02-1.13x per vectorized train step (docs/benchmarks.md, "Convolution
+derivatives"); first-order steps, CUDA and compiled graphs keep torch's own rules. Both the task-grouped forward
+(models.grouped_conv2d, groups = tasks) and the per-task loops (models.Conv2d, groups = 1) take it.
 """
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ def _pair(value) -> Pair:
 @contextlib.contextmanager
 def second_order_step(enabled: bool = True):
     """Inside: convolutions take this module's derivatives (`use_explicit_backward`). Around the inner loops whose
-    backward is differentiated (algorithms/vectorized.py, second order); elsewhere F.conv2d as it is, since a
-    first-order step gains nothing from them (0.95-1.00x, docs/benchmarks.md)."""
+    backward is differentiated (second order: vectorized.adapt_and_query_grouped, and the per-task `adapt` of MAML,
+    Meta-SGD and MAML++); elsewhere F.conv2d as it is, since a first-order step gains nothing from them
+    (0.95-1.05x, docs/benchmarks.md)."""
     global _in_second_order_step
     previous, _in_second_order_step = _in_second_order_step, enabled
     try:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from maml_runner import grouped_conv
 from maml_runner.algorithms import vectorized
 from maml_runner.algorithms.anil import ANIL
 from maml_runner.algorithms.fomaml import FOMAML
@@ -472,3 +473,34 @@ def test_compile_refuses_second_order_algorithms():
     first_order = MAML(MLP(), OmegaConf.merge(cfg, {"first_order": True}), "regression", 10)
     compile_fast_path(first_order)  # accepted: first_order=true never differentiates twice
     assert not first_order.needs_double_backward() and second_order.needs_double_backward()
+
+
+# ---- grouped_conv's convolution derivatives in the per-task loops ---------------------------------------------------
+@pytest.mark.parametrize("name,first_order", [("maml", False), ("maml", True), ("metasgd", False), ("mamlpp", False)])
+def test_per_task_loops_take_grouped_conv_in_second_order_steps_with_torchs_numbers(omniglot, name, first_order,
+                                                                                     monkeypatch):
+    """The per-task loops (hardware.vectorize=off; what 20w5s runs on CPU) adapt through models.Conv2d, which takes
+    grouped_conv's derivatives inside a second-order step: same float64 meta-gradient as torch's own rules."""
+    random.seed(3)
+    tasks = cached_episodes(omniglot["train"]).sample_batch(3)
+    tasks = TaskBatch(tasks.support_x.double(), tasks.support_y, tasks.query_x.double(), tasks.query_y)
+    forwards = []
+    original = grouped_conv._Conv.apply
+    monkeypatch.setattr(grouped_conv._Conv, "apply",
+                        lambda *a: forwards.append(torch.is_grad_enabled()) or original(*a))
+
+    def meta_gradient(devices):
+        monkeypatch.setattr(grouped_conv, "EXPLICIT_BACKWARD_DEVICES", devices)
+        if name == "mamlpp":
+            return list(_mamlpp_meta_gradient(lambda: Conv4(3, hidden=8).double(), tasks, "classification", 0.3, 2,
+                                              7, False, "off")[1].values())
+        torch.manual_seed(0)
+        model = Conv4(3, hidden=8).double()
+        cls = {"maml": MAML, "metasgd": MetaSGD}[name]
+        return _meta_gradient(cls, model, tasks, "classification", 0.3, 2, first_order, "off")[1]
+
+    torchs = meta_gradient(())
+    assert not forwards  # switched off: torch's convolution throughout
+    ours = meta_gradient(("cpu",))
+    assert (sum(forwards) > 0) == (not first_order)  # 4 convolutions x 2 steps x 3 tasks when second order
+    assert _relative(torchs, ours) < 1e-10

@@ -11,6 +11,7 @@ import learn2learn as l2l
 import torch
 
 from ..data.base import Task, TaskBatch
+from ..grouped_conv import second_order_step
 from ..models import outer_loop_only
 from ..schema import BOOL, POSITIVE_FLOAT, POSITIVE_INT, AlgorithmConfig, required
 from .base import MetaAlgorithm
@@ -45,13 +46,14 @@ class MAML(MetaAlgorithm):
     def adapt(self, task: Task, steps: int, iteration=None):
         first_order = self.use_first_order(iteration)
         learner = self.maml.clone(first_order=first_order)
-        for _ in range(steps):
-            loss = self.loss_fn(learner(task.support_x), task.support_y)
-            params = dict(learner.module.named_parameters())
-            # model.bn_adapted=false: the outer-loop-only parameters get no gradient and no update here.
-            grads = torch.autograd.grad(loss, [params[name] for name in self.adapted], retain_graph=not first_order,
-                                        create_graph=not first_order)
-            set_parameters(learner.module, inner_update(params, dict(zip(self.adapted, grads)), self.maml.lr))
+        with second_order_step(not first_order):
+            for _ in range(steps):
+                loss = self.loss_fn(learner(task.support_x), task.support_y)
+                params = dict(learner.module.named_parameters())
+                # model.bn_adapted=false: the outer-loop-only parameters get no gradient and no update here.
+                grads = torch.autograd.grad(loss, [params[name] for name in self.adapted],
+                                            retain_graph=not first_order, create_graph=not first_order)
+                set_parameters(learner.module, inner_update(params, dict(zip(self.adapted, grads)), self.maml.lr))
         return learner
 
     def vectorized_for(self, tasks) -> bool:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..data.base import Task, TaskBatch
+from ..grouped_conv import second_order_step
 from ..models import PerStepBatchNorm, outer_loop_only, per_step_batch_norms
 from ..schema import (BOOL, FRACTION, OPTIONAL_POSITIVE_FLOAT, OPTIONAL_POSITIVE_INT, POSITIVE_FLOAT, required)
 from .base import MetaAlgorithm
@@ -125,12 +126,13 @@ class MAMLPlusPlus(MetaAlgorithm):
         params = {n: named[n] for n in self.adapted}
         rate = self.inner_rate()
         per_step = []
-        for step in range(steps):
-            loss = self.loss_fn(self.forward_at(params, task.support_x, step), task.support_y)
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=second_order)
-            params = inner_update(params, dict(zip(params, grads)), rate, step)
-            if query_each_step:
-                per_step.append(self.forward_at(params, task.query_x, step))
+        with second_order_step(second_order):
+            for step in range(steps):
+                loss = self.loss_fn(self.forward_at(params, task.support_x, step), task.support_y)
+                grads = torch.autograd.grad(loss, list(params.values()), create_graph=second_order)
+                params = inner_update(params, dict(zip(params, grads)), rate, step)
+                if query_each_step:
+                    per_step.append(self.forward_at(params, task.query_x, step))
         return params, per_step
 
     def adapt(self, task: Task, steps: int, iteration=None):

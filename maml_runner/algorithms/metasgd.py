@@ -13,6 +13,7 @@ import learn2learn as l2l
 import torch
 
 from ..data.base import Task, TaskBatch
+from ..grouped_conv import second_order_step
 from ..schema import OPTIONAL_POSITIVE_FLOAT, required
 from .base import MetaAlgorithm
 from .inner_update import Rate, inner_update, per_parameter_rates, set_parameters
@@ -45,12 +46,13 @@ class MetaSGD(MetaAlgorithm):
         learner = self.meta_sgd.clone()
         first_order = self.use_first_order(iteration)
         rate = self.inner_rate(learner.lrs)
-        for step in range(steps):
-            loss = self.loss_fn(learner(task.support_x), task.support_y)
-            params = dict(learner.module.named_parameters())
-            grads = torch.autograd.grad(loss, list(params.values()), retain_graph=not first_order,
-                                        create_graph=not first_order)
-            set_parameters(learner.module, inner_update(params, dict(zip(params, grads)), rate, step))
+        with second_order_step(not first_order):
+            for step in range(steps):
+                loss = self.loss_fn(learner(task.support_x), task.support_y)
+                params = dict(learner.module.named_parameters())
+                grads = torch.autograd.grad(loss, list(params.values()), retain_graph=not first_order,
+                                            create_graph=not first_order)
+                set_parameters(learner.module, inner_update(params, dict(zip(params, grads)), rate, step))
         return learner
 
     def vectorized_for(self, tasks) -> bool:
