@@ -41,8 +41,15 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS, IMAGES, FILTERS = 16, 20, 64
-CONVGRAD_CASES = ["5w1s:maml", "5w1s:fomaml", "20w1s:maml", "20w1s:fomaml", "5w1s:mamlpp", "5w1s:metasgd",
-                  "5w1s:anil", "5w1s:reptile"]
+# The setting:algorithm cases each experiment on the whole step runs unless --cases names others.
+DEFAULT_CASES = {
+    "precision": ["20w1s:maml", "20w1s:fomaml", "5w1s:maml"],
+    "compile": ["20w1s:fomaml", "5w1s:fomaml", "5w1s:reptile"],
+    "batchnorm": ["5w1s:maml", "20w1s:maml"],
+    "convgrad": ["5w1s:maml", "5w1s:fomaml", "20w1s:maml", "20w1s:fomaml", "5w1s:mamlpp", "5w1s:metasgd",
+                 "5w1s:anil", "5w1s:reptile"],
+    "channelslast": ["5w1s:maml", "20w1s:maml"],
+}
 
 
 def grouped_conv(x, w, b):
@@ -93,7 +100,7 @@ def bench_conv(repeats: int) -> None:
 
 def bench_step(experiment: str, cases: list[str], root: str, repeats: int, device: str) -> None:
     """The whole train_step, baseline vs variant: `precision` (float32 vs bf16 autocast), `compile` (the grouped
-    forward eager vs torch.compile, hardware.compile; first-order algorithms only) or `batchnorm` (native vs
+    forward eager vs torch.compile, hardware.compile; first-order algorithms only), `batchnorm` (native vs
     composite batch norm), `convgrad` (torch's derivative rules for the grouped convolutions vs grouped_conv's) or
     `channelslast` (the task-grouped images in the default layout vs channels-last). Same weights, same tasks."""
     from hydra import compose, initialize_config_dir
@@ -160,10 +167,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment", choices=("conv", "precision", "compile", "batchnorm", "convgrad",
                                                "channelslast"))
-    parser.add_argument("--cases", nargs="+", default=None, help="setting:algorithm (default: 20w1s:maml "
-                        "20w1s:fomaml 5w1s:maml; for compile 20w1s:fomaml 5w1s:fomaml 5w1s:reptile; for batchnorm "
-                        "5w1s:maml 20w1s:maml; for convgrad " + " ".join(CONVGRAD_CASES) + "; for channelslast "
-                        "5w1s:maml 20w1s:maml)")
+    parser.add_argument("--cases", nargs="+", default=None, help="setting:algorithm (defaults: " + "; ".join(
+        f"{name}: {' '.join(cases)}" for name, cases in DEFAULT_CASES.items()) + ")")
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
@@ -174,10 +179,7 @@ def main() -> None:
     if args.experiment == "conv":
         bench_conv(args.repeats)
     else:
-        cases = args.cases or {"compile": ["20w1s:fomaml", "5w1s:fomaml", "5w1s:reptile"],
-                               "batchnorm": ["5w1s:maml", "20w1s:maml"], "convgrad": CONVGRAD_CASES,
-                               "channelslast": ["5w1s:maml", "20w1s:maml"]}.get(
-                                   args.experiment, ["20w1s:maml", "20w1s:fomaml", "5w1s:maml"])
+        cases = args.cases or DEFAULT_CASES[args.experiment]
         bench_step(args.experiment, cases, args.root, args.repeats, args.device)
 
 
