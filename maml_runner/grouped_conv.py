@@ -54,6 +54,11 @@ def second_order_step(enabled: bool = True):
         _in_second_order_step = previous
 
 
+def in_second_order_step() -> bool:
+    """Whether a `second_order_step` (not disabled by a nested first-order one) is running."""
+    return _in_second_order_step
+
+
 def use_explicit_backward(x: torch.Tensor, padding) -> bool:
     """Whether `grouped_conv2d` takes this module's Functions for `x`: inside `second_order_step`, on a device of
     EXPLICIT_BACKWARD_DEVICES, with numeric padding, in eager mode."""

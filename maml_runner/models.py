@@ -7,6 +7,7 @@ from torch import nn
 
 from .errors import UserError
 from .grouped_conv import grouped_conv2d as task_grouped_conv2d
+from .norm_derivatives import transductive_batch_norm
 from .schema import HEAD_FEATURES
 
 BN_MODES = ("transductive", "running", "none")
@@ -144,7 +145,7 @@ def grouped_norm(norm: nn.Module, x: torch.Tensor, params: dict, prefix: str, ta
         if isinstance(norm, PerStepBatchNorm):  # weights [(T,) steps, C]: this step's row (of every task)
             value = value[norm.index(step)] if shared else value[:, norm.index(step)]
         affine[name] = value.repeat(tasks) if shared else value.reshape(-1)
-    return F.batch_norm(x, None, None, affine["weight"], affine["bias"], True, 0.0, norm.eps)
+    return transductive_batch_norm(x, affine["weight"], affine["bias"], norm.eps)
 
 
 def grouped_linear(x: torch.Tensor, params: dict, prefix: str) -> torch.Tensor:

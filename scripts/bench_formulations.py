@@ -1,6 +1,6 @@
 """Candidate formulations of the fast path's step, measured side by side in one process (issue 17's 20-way work).
 
-Six experiments, each alternating its variants so that load changes hit both alike; every ratio is baseline / variant
+Seven experiments, each alternating its variants so that load changes hit both alike; every ratio is baseline / variant
 (> 1: the variant is faster):
 
 * `conv`: one task-grouped convolution layer of the 20-way meta-batch (T=16 tasks, N=20 images, 64 filters), forward,
@@ -16,6 +16,9 @@ Six experiments, each alternating its variants so that load changes hit both ali
 * `convgrad`: the same step with torch's own derivative rules for the grouped convolutions vs the runner's
   (maml_runner/grouped_conv.py: transposed convolutions and filter gradients, to any order; the runner uses them in
   second-order steps on CPU; with --device cuda the variant uses them on the GPU).
+* `bngrad`: the same step with torch's own double backward for batch norm vs the runner's
+  (maml_runner/norm_derivatives.py: three reductions and a few fused multiply-adds; the runner uses it in
+  second-order steps on CPU; with --device cuda the variant uses it on the GPU).
 * `channelslast`: the same step with the images in torch's default layout vs channels-last (NHWC, which oneDNN's
   strided backward-data kernels use; the other convolutions and batch norm follow the input's layout).
 
@@ -24,6 +27,7 @@ Six experiments, each alternating its variants so that load changes hit both ali
     .venv/bin/python scripts/bench_formulations.py compile --cases 20w1s:fomaml 5w1s:fomaml 5w1s:reptile
     .venv/bin/python scripts/bench_formulations.py batchnorm --cases 5w1s:maml 20w1s:maml
     .venv/bin/python scripts/bench_formulations.py convgrad --threads 2 --repeats 15
+    .venv/bin/python scripts/bench_formulations.py bngrad --threads 2 --repeats 15
     .venv/bin/python scripts/bench_formulations.py channelslast --threads 2 --repeats 15 --cases 5w1s:maml 20w1s:maml
 """
 from __future__ import annotations
@@ -48,6 +52,7 @@ DEFAULT_CASES = {
     "batchnorm": ["5w1s:maml", "20w1s:maml"],
     "convgrad": ["5w1s:maml", "5w1s:fomaml", "20w1s:maml", "20w1s:fomaml", "5w1s:mamlpp", "5w1s:metasgd",
                  "5w1s:anil", "5w1s:reptile"],
+    "bngrad": ["5w1s:maml", "20w1s:maml", "5w1s:mamlpp", "5w1s:metasgd"],
     "channelslast": ["5w1s:maml", "20w1s:maml"],
 }
 
@@ -101,16 +106,17 @@ def bench_conv(repeats: int) -> None:
 def bench_step(experiment: str, cases: list[str], root: str, repeats: int, device: str) -> None:
     """The whole train_step, baseline vs variant: `precision` (float32 vs bf16 autocast), `compile` (the grouped
     forward eager vs torch.compile, hardware.compile; first-order algorithms only), `batchnorm` (native vs
-    composite batch norm), `convgrad` (torch's derivative rules for the grouped convolutions vs grouped_conv's) or
-    `channelslast` (the task-grouped images in the default layout vs channels-last). Same weights, same tasks."""
+    composite batch norm), `convgrad` (torch's derivative rules for the grouped convolutions vs grouped_conv's),
+    `bngrad` (torch's batch-norm double backward vs norm_derivatives') or `channelslast` (the task-grouped images in the default layout vs channels-last). Same weights, same tasks."""
     from hydra import compose, initialize_config_dir
 
-    from maml_runner import grouped_conv, models
+    from maml_runner import grouped_conv, models, norm_derivatives
     from maml_runner.algorithms.vectorized import _CompositeBatchNorm
     from maml_runner.hardware import compile_fast_path
     from maml_runner.train import build
     default_layout = models.images_to_grouped  # each step sets the layout of its variant from this one
     default_devices = grouped_conv.EXPLICIT_BACKWARD_DEVICES
+    default_norm_devices = norm_derivatives.EXPLICIT_BACKWARD_DEVICES
     for case in cases:
         setting, algorithm = case.split(":")
         with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
@@ -137,6 +143,8 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
             # use them yet); every other experiment runs with the runner's default.
             grouped_conv.EXPLICIT_BACKWARD_DEVICES = ((device_type,) if variant else ()) if experiment == "convgrad" \
                 else default_devices
+            norm_derivatives.EXPLICIT_BACKWARD_DEVICES = ((device_type,) if variant else ()) \
+                if experiment == "bngrad" else default_norm_devices
             models.images_to_grouped = (lambda x: default_layout(x).contiguous(memory_format=torch.channels_last)) \
                 if variant and experiment == "channelslast" else default_layout
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=variant and experiment == "precision"), \
@@ -157,6 +165,7 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
         names = {"precision": ("float32", "bf16 autocast"), "compile": ("eager", "torch.compile"),
                  "batchnorm": ("native batch_norm", "composite batch norm"),
                  "convgrad": ("torch's conv derivatives", "grouped_conv's"),
+                 "bngrad": ("torch's batch-norm double backward", "norm_derivatives'"),
                  "channelslast": ("default layout", "channels-last")}[experiment]
         print(f"{case}: {names[0]} {base:.3f} s/iter | {names[1]} {variant:.3f} s/iter | RATIO {base / variant:.2f} | "
               f"meta-gradient relative difference {float((g_base - g_variant).norm() / g_base.norm()):.3f}, cosine "
@@ -166,7 +175,7 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment", choices=("conv", "precision", "compile", "batchnorm", "convgrad",
-                                               "channelslast"))
+                                               "bngrad", "channelslast"))
     parser.add_argument("--cases", nargs="+", default=None, help="setting:algorithm (defaults: " + "; ".join(
         f"{name}: {' '.join(cases)}" for name, cases in DEFAULT_CASES.items()) + ")")
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))

@@ -1,0 +1,122 @@
+"""Transductive batch norm (training mode, no running statistics) with a hand-written double backward.
+
+Why: second-order MAML differentiates batch norm's backward once more. Torch's rule for that
+(`batchnorm_double_backward`) is a composite of some thirty elementwise passes and reductions over the activation;
+on the 2-core CPU they were a visible share of a MAML 5w1s step (most of its `aten::mul` and `aten::sum` time).
+The same derivative needs far fewer. Per channel, with M values, xhat = (x - mean) * rstd, the backward is
+
+    gb = sum(gy),  gw = sum(gy * xhat),  gx = w * rstd * P(gy),  P(v) = v - mean(v) - xhat * mean(v * xhat)
+
+P is symmetric (and is rstd times the Jacobian of xhat in x). Differentiating <ggx, gx> + ggw * gw + ggb * gb,
+with s1 = sum(ggx), s2 = sum(ggx * xhat), u = P(ggx) and G = sum(gy * u) = sum(ggx * gy) - s1 * gb / M - s2 * gw / M:
+
+    d gy = w * rstd * u + ggw * xhat + ggb
+    d w  = rstd * G
+    d x  = rstd * alpha * P(gy) - w * rstd^2 * (gw / M) * u - w * rstd^2 * G / M * xhat,
+           alpha = ggw - w * rstd * s2 / M
+
+i.e. three reductions and a few fused multiply-adds. Torch's own kernels still run the forward and the first
+backward (`native_batch_norm`, `native_batch_norm_backward`), and a backward nobody differentiates (the outer pass).
+Same values up to float rounding (float64 tests against F.batch_norm's first, second and third derivatives). Used
+where grouped_conv's derivatives are (inside `second_order_step`, in eager mode) on the devices in
+EXPLICIT_BACKWARD_DEVICES, for float32/float64 inputs; elsewhere F.batch_norm as it is.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .grouped_conv import in_second_order_step
+
+# Measured faster on CPU (docs/benchmarks.md, "Batch-norm derivatives"); scripts/bench_formulations.py bngrad sets
+# it per variant to time both side by side (on CUDA too: gpu_check.sh).
+EXPLICIT_BACKWARD_DEVICES: tuple[str, ...] = ("cpu",)
+_DIMS = (0, 2, 3)
+
+
+def _per_channel(t: torch.Tensor) -> torch.Tensor:
+    return t.view(1, -1, 1, 1)
+
+
+def use_explicit_backward(x: torch.Tensor) -> bool:
+    """Whether `transductive_batch_norm` takes this module's Functions for `x` (images [N, C, H, W])."""
+    return (in_second_order_step() and x.device.type in EXPLICIT_BACKWARD_DEVICES and x.dim() == 4
+            and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling())
+
+
+class _BatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float):
+        y, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)[:3]
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, mean, invstd = ctx.saved_tensors
+        if not torch.is_grad_enabled():  # nobody differentiates this backward: torch's fused kernel
+            return (*torch.ops.aten.native_batch_norm_backward(
+                gy, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3])), None)
+        gx, gw, gb = _BatchNormBackward.apply(gy, x, weight, mean, invstd, ctx.eps)
+        return gx, gw if ctx.needs_input_grad[1] else None, gb if ctx.needs_input_grad[2] else None, None
+
+
+class _BatchNormBackward(torch.autograd.Function):
+    """(gy, x, weight) -> (gx, gw, gb), batch norm's backward; its own backward is the formula in the docstring."""
+
+    @staticmethod
+    def forward(ctx, gy, x, weight, mean, invstd, eps: float):
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(gy, x, weight, None, None, mean, invstd, True, eps,
+                                                               [True, True, True])
+        ctx.save_for_backward(gy, x, weight, mean, invstd, gw, gb)
+        ctx.eps = eps
+        return gx, gw, gb
+
+    @staticmethod
+    def backward(ctx, ggx, ggw, ggb):
+        gy, x, weight, mean, invstd, gw, gb = ctx.saved_tensors
+        m = x.numel() // x.shape[1]
+        if torch.is_grad_enabled():  # differentiated again (third order): every term as a function of x and gy
+            var, mean = torch.var_mean(x, _DIMS, unbiased=False)
+            invstd = torch.rsqrt(var + ctx.eps)
+            xhat = (x - _per_channel(mean)) * _per_channel(invstd)
+            gw, gb = (gy * xhat).sum(_DIMS), gy.sum(_DIMS)
+        else:
+            xhat = (x - _per_channel(mean)).mul_(_per_channel(invstd))
+        w_rstd = invstd if weight is None else weight * invstd
+        a, bq = gb / m, gw / m  # mean(gy), mean(gy * xhat)
+        if ggx is not None:
+            s1, s2, s3 = ggx.sum(_DIMS), (ggx * xhat).sum(_DIMS), (ggx * gy).sum(_DIMS)
+            u = torch.addcmul(ggx - _per_channel(s1 / m), xhat, _per_channel(-s2 / m))  # P(ggx)
+            big_g = s3 - a * s1 - bq * s2
+        else:
+            s2 = big_g = torch.zeros_like(invstd)
+            u = None
+        ggw = torch.zeros_like(invstd) if ggw is None else ggw
+        d_gy = d_x = d_w = None
+        if ctx.needs_input_grad[0]:
+            d_gy = xhat * _per_channel(ggw)
+            if ggb is not None:
+                d_gy = d_gy + _per_channel(ggb)
+            if u is not None:
+                d_gy = torch.addcmul(d_gy, u, _per_channel(w_rstd))
+        if ctx.needs_input_grad[1]:
+            c_gy = invstd * (ggw - w_rstd * s2 / m)  # rstd * alpha, the coefficient of P(gy)
+            c_xhat = -c_gy * bq - w_rstd * invstd * big_g / m
+            d_x = torch.addcmul(_per_channel(-c_gy * a), gy, _per_channel(c_gy))
+            d_x = torch.addcmul(d_x, xhat, _per_channel(c_xhat))
+            if u is not None:
+                d_x = torch.addcmul(d_x, u, _per_channel(-w_rstd * invstd * bq))
+        if ctx.needs_input_grad[2]:
+            d_w = invstd * big_g
+        return d_gy, d_x, d_w, None, None, None
+
+
+def transductive_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                            eps: float) -> torch.Tensor:
+    """F.batch_norm(x, None, None, weight, bias, True, 0.0, eps), with this module's double backward where
+    `use_explicit_backward` says so."""
+    if not use_explicit_backward(x):
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    return _BatchNorm.apply(x, weight, bias, eps)
