@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .grouped_conv import grouped_conv2d as task_grouped_conv2d
+from . import grouped_conv
 from .norm_derivatives import transductive_batch_norm
 from .schema import HEAD_FEATURES
 
@@ -126,8 +126,7 @@ def grouped_conv2d(conv: nn.Conv2d, x: torch.Tensor, params: dict, prefix: str, 
         out = F.conv2d(x.reshape(n * tasks, -1, *x.shape[2:]), weight, bias, conv.stride, conv.padding,
                        conv.dilation)
         return out.reshape(n, -1, *out.shape[2:])
-    return task_grouped_conv2d(x, weight.reshape(-1, *weight.shape[2:]), None if bias is None else bias.reshape(-1),
-                               conv.stride, conv.padding, conv.dilation, tasks)
+    return grouped_conv.task_grouped_conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
 
 
 def grouped_norm(norm: nn.Module, x: torch.Tensor, params: dict, prefix: str, tasks: int, step: int) -> torch.Tensor:
@@ -173,7 +172,7 @@ class Conv2d(nn.Conv2d):
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.padding_mode != "zeros":
             return super()._conv_forward(input, weight, bias)
-        return task_grouped_conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return grouped_conv.grouped_conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class TaskGrouped:

@@ -1,6 +1,6 @@
 """Candidate formulations of the fast path's step, measured side by side in one process (issue 17's 20-way work).
 
-Seven experiments, each alternating its variants so that load changes hit both alike; every ratio is baseline / variant
+Eight experiments, each alternating its variants so that load changes hit both alike; every ratio is baseline / variant
 (> 1: the variant is faster):
 
 * `conv`: one task-grouped convolution layer of the 20-way meta-batch (T=16 tasks, N=20 images, 64 filters), forward,
@@ -19,6 +19,8 @@ Seven experiments, each alternating its variants so that load changes hit both a
 * `bngrad`: the same step with torch's own double backward for batch norm vs the runner's
   (maml_runner/norm_derivatives.py: three reductions and a few fused multiply-adds; the runner uses it in
   second-order steps on CPU; with --device cuda the variant uses it on the GPU).
+* `firststep`: the same step with the support pass of inner step 0 as task-grouped convolutions vs as ordinary
+  convolutions over all tasks' images at the shared filters (grouped_conv._SharedConv; second-order steps on CPU).
 * `channelslast`: the same step with the images in torch's default layout vs channels-last (NHWC, which oneDNN's
   strided backward-data kernels use; the other convolutions and batch norm follow the input's layout).
 
@@ -28,6 +30,7 @@ Seven experiments, each alternating its variants so that load changes hit both a
     .venv/bin/python scripts/bench_formulations.py batchnorm --cases 5w1s:maml 20w1s:maml
     .venv/bin/python scripts/bench_formulations.py convgrad --threads 2 --repeats 15
     .venv/bin/python scripts/bench_formulations.py bngrad --threads 2 --repeats 15
+    .venv/bin/python scripts/bench_formulations.py firststep --threads 2 --repeats 15
     .venv/bin/python scripts/bench_formulations.py channelslast --threads 2 --repeats 15 --cases 5w1s:maml 20w1s:maml
 """
 from __future__ import annotations
@@ -53,6 +56,7 @@ DEFAULT_CASES = {
     "convgrad": ["5w1s:maml", "5w1s:fomaml", "20w1s:maml", "20w1s:fomaml", "5w1s:mamlpp", "5w1s:metasgd",
                  "5w1s:anil", "5w1s:reptile"],
     "bngrad": ["5w1s:maml", "20w1s:maml", "5w1s:mamlpp", "5w1s:metasgd"],
+    "firststep": ["5w1s:maml", "20w1s:maml", "5w1s:mamlpp", "5w1s:metasgd"],
     "channelslast": ["5w1s:maml", "20w1s:maml"],
 }
 
@@ -107,7 +111,8 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
     """The whole train_step, baseline vs variant: `precision` (float32 vs bf16 autocast), `compile` (the grouped
     forward eager vs torch.compile, hardware.compile; first-order algorithms only), `batchnorm` (native vs
     composite batch norm), `convgrad` (torch's derivative rules for the grouped convolutions vs grouped_conv's),
-    `bngrad` (torch's batch-norm double backward vs norm_derivatives') or `channelslast` (the task-grouped images in the default layout vs channels-last). Same weights, same tasks."""
+    `bngrad` (torch's batch-norm double backward vs norm_derivatives'), `firststep` (the step-0 support pass
+    task-grouped vs at the shared filters) or `channelslast` (the task-grouped images in the default layout vs channels-last). Same weights, same tasks."""
     from hydra import compose, initialize_config_dir
 
     from maml_runner import grouped_conv, models, norm_derivatives
@@ -145,6 +150,7 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
                 else default_devices
             norm_derivatives.EXPLICIT_BACKWARD_DEVICES = ((device_type,) if variant else ()) \
                 if experiment == "bngrad" else default_norm_devices
+            grouped_conv.SHARE_FIRST_STEP_FILTERS = variant or experiment != "firststep"
             models.images_to_grouped = (lambda x: default_layout(x).contiguous(memory_format=torch.channels_last)) \
                 if variant and experiment == "channelslast" else default_layout
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=variant and experiment == "precision"), \
@@ -166,6 +172,7 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
                  "batchnorm": ("native batch_norm", "composite batch norm"),
                  "convgrad": ("torch's conv derivatives", "grouped_conv's"),
                  "bngrad": ("torch's batch-norm double backward", "norm_derivatives'"),
+                 "firststep": ("grouped step-0 support pass", "shared-filter step-0 support pass"),
                  "channelslast": ("default layout", "channels-last")}[experiment]
         print(f"{case}: {names[0]} {base:.3f} s/iter | {names[1]} {variant:.3f} s/iter | RATIO {base / variant:.2f} | "
               f"meta-gradient relative difference {float((g_base - g_variant).norm() / g_base.norm()):.3f}, cosine "
@@ -175,7 +182,7 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment", choices=("conv", "precision", "compile", "batchnorm", "convgrad",
-                                               "bngrad", "channelslast"))
+                                               "bngrad", "firststep", "channelslast"))
     parser.add_argument("--cases", nargs="+", default=None, help="setting:algorithm (defaults: " + "; ".join(
         f"{name}: {' '.join(cases)}" for name, cases in DEFAULT_CASES.items()) + ")")
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))

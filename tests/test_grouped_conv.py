@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from maml_runner import grouped_conv
-from maml_runner.grouped_conv import grouped_conv2d, second_order_step, use_explicit_backward
+from maml_runner.grouped_conv import grouped_conv2d, second_order_step, task_grouped_conv2d, use_explicit_backward
 
 # (input side, input channels per group, groups, stride, padding, dilation, bias): odd and even sides, so that a
 # strided convolution drops an edge row that the transposed convolution must restore (output_padding).
@@ -91,22 +91,94 @@ def test_used_only_where_measured(monkeypatch):
 
 
 def test_second_order_steps_of_the_fast_path_use_it(monkeypatch):
-    """MAML's vectorized step takes this module's convolution when second order and F.conv2d when first order."""
+    """MAML's vectorized step takes this module's convolutions when second order (the support pass at the shared
+    filters, the query pass at each task's adapted ones) and F.conv2d when first order."""
     from maml_runner.algorithms import vectorized
     from maml_runner.data.base import TaskBatch
     from maml_runner.models import Conv4
 
-    seen = []
-    original = grouped_conv._Conv.apply
-    # Counted in the forward passes only (the outer backward calls it too, with grad mode off).
-    monkeypatch.setattr(grouped_conv._Conv, "apply", lambda *a: seen.append(torch.is_grad_enabled()) or original(*a))
+    seen = {"_Conv": [], "_SharedConv": []}
+    for name in seen:  # counted in the forward passes only (the backward passes call them too, with grad mode off)
+        function = getattr(grouped_conv, name)
+        monkeypatch.setattr(function, "apply", lambda *a, _f=function.apply, _s=seen[name]:
+                            _s.append(torch.is_grad_enabled()) or _f(*a))
     model = Conv4(3, image_size=8)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 1, 8, 8, generator=generator)
     labels = torch.arange(3).repeat(2, 1)
     tasks = TaskBatch(images, labels, images, labels)
-    for first_order, expected in ((True, 0), (False, 8)):  # 4 convolutions, support and query
-        seen.clear()
+    for first_order, expected in ((True, 0), (False, 4)):  # 4 convolutions in each pass
+        for calls in seen.values():
+            calls.clear()
         losses, _ = vectorized.adapt_and_query_grouped(model, tasks, 0.1, 1, first_order, F.cross_entropy)
         losses.sum().backward()
-        assert sum(seen) == expected
+        assert sum(seen["_SharedConv"]) == sum(seen["_Conv"]) == expected
+
+
+# ---- the first inner step's shared filters ------------------------------------------------------------------------
+TASKS = 3
+
+
+def _shared_inputs(side, cin, bias, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, TASKS * cin, side, side, dtype=torch.float64, generator=generator, requires_grad=True)
+    w = torch.randn(4, cin, 3, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, generator=generator, requires_grad=True) if bias else None
+    return x, w, b
+
+
+def _per_task(value):
+    return None if value is None else value.expand(TASKS, *value.shape)
+
+
+@pytest.mark.parametrize("side,cin,groups,stride,padding,dilation,bias", GEOMETRIES)
+def test_shared_filters_pass_finite_differences(side, cin, groups, stride, padding, dilation, bias):
+    """The filters as the vectorized step has them at inner step 0: one tensor expanded over the tasks."""
+    x, w, b = _shared_inputs(side, cin, bias)
+    inputs = (x, w) + ((b,) if bias else ())
+
+    def conv(x, w, b=None):
+        out = task_grouped_conv2d(x, _per_task(w), _per_task(b), stride, padding, dilation)
+        assert type(out.grad_fn).__name__ == "_SharedConvBackward"
+        return out
+
+    with second_order_step():
+        assert torch.autograd.gradcheck(conv, inputs)
+        assert torch.autograd.gradgradcheck(conv, inputs)
+
+
+@pytest.mark.parametrize("side,cin,groups,stride,padding,dilation,bias", GEOMETRIES)
+def test_shared_filters_give_torchs_numbers_through_an_inner_step(side, cin, groups, stride, padding, dilation,
+                                                                  bias):
+    """Each task's inner gradient (per task, not summed), the adapted filters' query loss and its gradient in
+    the shared filters and the images: the same as F.conv2d with groups = tasks on the expanded filters."""
+    x, w, b = _shared_inputs(side, cin, bias, seed=1)
+
+    def quantities(conv):
+        per_task = [_per_task(w), _per_task(b)] if bias else [_per_task(w)]
+        loss = (conv(x, *per_task).tanh() ** 2).sum()
+        gradients = torch.autograd.grad(loss, [x] + per_task, create_graph=True)
+        stepped = [p - 0.1 * g for p, g in zip(per_task, gradients[1:])] + [None]
+        outer = conv(x + 0.1 * gradients[0], stepped[0], stepped[1]).sin().sum()
+        return [loss, *gradients, outer, *torch.autograd.grad(outer, [x, w] + ([b] if bias else []))]
+
+    with second_order_step():
+        ours = quantities(lambda x, w, b=None: task_grouped_conv2d(x, w, b, stride, padding, dilation))
+    torchs = quantities(lambda x, w, b=None: F.conv2d(x, w.reshape(-1, *w.shape[2:]), None if b is None else
+                                                      b.reshape(-1), stride, padding, dilation, TASKS))
+    assert ours[2].shape == (TASKS, 4, cin, 3, 3) and not torch.allclose(ours[2][0], ours[2][1])  # per task
+    for a, b_ in zip(ours, torchs):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-10)
+
+
+def test_shared_filters_only_where_they_are_one_expanded_tensor():
+    """Detached per-task copies (first-order steps), adapted filters and leaves take the grouped convolution."""
+    x, w, _ = _shared_inputs(6, 2, False)
+    with second_order_step():
+        shared = task_grouped_conv2d(x, _per_task(w), None, 1, 1, 1)
+        leaf = task_grouped_conv2d(x, _per_task(w).detach().requires_grad_(), None, 1, 1, 1)
+        adapted = task_grouped_conv2d(x, _per_task(w) * 0.5, None, 1, 1, 1)
+    outside = task_grouped_conv2d(x, _per_task(w), None, 1, 1, 1)
+    assert type(shared.grad_fn).__name__ == "_SharedConvBackward"
+    assert type(leaf.grad_fn).__name__ == type(adapted.grad_fn).__name__ == "_ConvBackward"
+    assert type(outside.grad_fn).__name__ == "ConvolutionBackward0"
