@@ -18,7 +18,7 @@ def batch_norm(channels: int, mode: str, scale: bool = True, eps: float = 1e-5) 
     if mode == "none":
         return nn.Identity()
     # transductive = always the current batch's statistics, at test time too (the MAML reference code).
-    bn = nn.BatchNorm2d(channels, eps=eps, track_running_stats=(mode == "running"), momentum=0.1)
+    bn = BatchNorm2d(channels, eps=eps, track_running_stats=(mode == "running"), momentum=0.1)
     if not scale:
         del bn.weight
         bn.register_parameter("weight", None)  # F.batch_norm takes weight=None as gamma = 1
@@ -68,7 +68,7 @@ class PerStepBatchNorm(nn.Module):
         weight = None if self.weight is None else self.weight[i]
         bias = None if self.bias is None else self.bias[i]
         if not self.use_running_stats:
-            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+            return transductive_batch_norm(x, weight, bias, self.eps)
         return F.batch_norm(x, self.running_mean[i], self.running_var[i], weight, bias,
                             self.training, self.momentum, self.eps)
 
@@ -162,6 +162,17 @@ def grouped_vector_layers(layers: nn.Sequential, x: torch.Tensor, params: dict, 
     for index, layer in enumerate(layers):
         x = grouped_linear(x, params, f"{prefix}{index}.") if isinstance(layer, nn.Linear) else layer(x)
     return x
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d whose transductive mode (no running statistics) takes norm_derivatives' double backward inside
+    a second-order step: the per-task loops' batch norms, as `Conv2d` for their convolutions. Same parameters and
+    state dict as nn.BatchNorm2d."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.running_mean is not None:
+            return super().forward(input)
+        return transductive_batch_norm(input, self.weight, self.bias, self.eps)
 
 
 class Conv2d(nn.Conv2d):

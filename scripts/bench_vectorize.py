@@ -75,7 +75,8 @@ def run_case(case, args, root, notes) -> float:
     """Per-task loop vs fast path; with --chunk-images, one fast-path setting per chunk size (same weights, same
     tasks, alternating in rotated order). Returns the ratio of the per-task loop to the fastest fast-path setting."""
     iteration = 0 if args.phase == "first" else TOTAL_ITERATIONS - 1
-    default_size, default_factor = vectorized.CPU_IMAGES_PER_CHUNK, vectorized.CPU_FIRST_ORDER_CHUNK_FACTOR
+    default_rule = (vectorized.CPU_IMAGES_PER_CHUNK, vectorized.CPU_SECOND_ORDER_IMAGES_PER_CHUNK,
+                    vectorized.CPU_FIRST_ORDER_CHUNK_FACTOR)
     chunk_sizes = args.chunk_images or [None]  # None: the runner's own rule (vectorized.images_per_chunk)
     settings = ["off"] + [f"on@{size}" if size else "on" for size in chunk_sizes]
     states = {name: build(case, args, root, notes, name.split("@")[0]) for name in settings}
@@ -87,7 +88,8 @@ def run_case(case, args, root, notes) -> float:
             shift = i % len(settings)
             for name in settings[shift:] + settings[:shift]:  # each setting goes first equally often
                 if "@" in name:  # exactly this many images per chunk, first or second order
-                    vectorized.CPU_IMAGES_PER_CHUNK = int(name.split("@")[1])
+                    size = int(name.split("@")[1])
+                    vectorized.CPU_IMAGES_PER_CHUNK = vectorized.CPU_SECOND_ORDER_IMAGES_PER_CHUNK = size
                     vectorized.CPU_FIRST_ORDER_CHUNK_FACTOR = 1
                 random.seed(2000 + i)  # every setting draws the same tasks
                 elapsed, gradients[name], tasks = step(states[name], args.meta_batch, iteration)
@@ -97,7 +99,8 @@ def run_case(case, args, root, notes) -> float:
                 difference = relative_difference(gradients["off"], gradients[settings[1]])
                 fast_path = states[settings[1]][1].vectorized_for(tasks)
     finally:  # the module's chunk rule again, whatever happened
-        vectorized.CPU_IMAGES_PER_CHUNK, vectorized.CPU_FIRST_ORDER_CHUNK_FACTOR = default_size, default_factor
+        (vectorized.CPU_IMAGES_PER_CHUNK, vectorized.CPU_SECOND_ORDER_IMAGES_PER_CHUNK,
+         vectorized.CPU_FIRST_ORDER_CHUNK_FACTOR) = default_rule
     off = statistics.median(times["off"])
     on = {name: statistics.median(times[name]) for name in settings[1:]}
     best = min(on, key=on.get)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from maml_runner import grouped_conv
+from maml_runner import grouped_conv, norm_derivatives
 from maml_runner.algorithms import vectorized
 from maml_runner.algorithms.anil import ANIL
 from maml_runner.algorithms.fomaml import FOMAML
@@ -91,28 +91,28 @@ def _meta_gradient(cls, model, tasks, task_type, inner_lr, steps, first_order, v
 def _chunk_images(monkeypatch, images: int) -> None:
     """Chunks of exactly `images` images for first- and second-order steps alike."""
     monkeypatch.setattr(vectorized, "CPU_IMAGES_PER_CHUNK", images)
+    monkeypatch.setattr(vectorized, "CPU_SECOND_ORDER_IMAGES_PER_CHUNK", images)
     monkeypatch.setattr(vectorized, "CPU_FIRST_ORDER_CHUNK_FACTOR", 1)
 
 
 def test_chunk_size_rule_doubles_first_order_chunks_only_with_several_threads(omniglot):
-    """vectorized.images_per_chunk: second-order steps (and every step at one thread) use CPU_IMAGES_PER_CHUNK,
-    first-order steps with several intra-op threads twice that; task_chunks splits by it."""
+    """vectorized.images_per_chunk: second-order steps use CPU_SECOND_ORDER_IMAGES_PER_CHUNK, first-order steps
+    CPU_IMAGES_PER_CHUNK at one thread and twice that with several intra-op threads; task_chunks splits by it."""
     threads = torch.get_num_threads()
     random.seed(3)
     tasks = cached_episodes(omniglot["train"]).sample_batch(32)  # 32 tasks of 9 images: 288
     images = 32 * (tasks.support_x.shape[1] + tasks.query_x.shape[1])
     try:
         torch.set_num_threads(2)
-        assert vectorized.images_per_chunk(True) == vectorized.CPU_IMAGES_PER_CHUNK
-        assert vectorized.images_per_chunk(False) == 2 * vectorized.CPU_IMAGES_PER_CHUNK
-        assert len(vectorized.task_chunks(tasks, True)) > len(vectorized.task_chunks(tasks, False))
+        assert vectorized.images_per_chunk(True) == vectorized.CPU_SECOND_ORDER_IMAGES_PER_CHUNK == 160
+        assert vectorized.images_per_chunk(False) == 2 * vectorized.CPU_IMAGES_PER_CHUNK == 256
         for second_order in (True, False):
             chunks = vectorized.task_chunks(tasks, second_order)
             expected = -(-images // vectorized.images_per_chunk(second_order))
             assert len(chunks) == expected and sum(len(c) for c in chunks) == 32
         torch.set_num_threads(1)
-        assert vectorized.images_per_chunk(False) == vectorized.images_per_chunk(True) \
-            == vectorized.CPU_IMAGES_PER_CHUNK
+        assert vectorized.images_per_chunk(False) == vectorized.CPU_IMAGES_PER_CHUNK == 128
+        assert vectorized.images_per_chunk(True) == 160
     finally:
         torch.set_num_threads(threads)
 
@@ -479,18 +479,23 @@ def test_compile_refuses_second_order_algorithms():
 @pytest.mark.parametrize("name,first_order", [("maml", False), ("maml", True), ("metasgd", False), ("mamlpp", False)])
 def test_per_task_loops_take_grouped_conv_in_second_order_steps_with_torchs_numbers(omniglot, name, first_order,
                                                                                      monkeypatch):
-    """The per-task loops (hardware.vectorize=off; what 20w5s runs on CPU) adapt through models.Conv2d, which takes
-    grouped_conv's derivatives inside a second-order step: same float64 meta-gradient as torch's own rules."""
+    """The per-task loops (hardware.vectorize=off; what 20w5s runs on CPU) adapt through models.Conv2d and
+    models.BatchNorm2d (PerStepBatchNorm for MAML++), which take grouped_conv's and norm_derivatives' derivatives
+    inside a second-order step: same float64 meta-gradient as torch's own rules."""
     random.seed(3)
     tasks = cached_episodes(omniglot["train"]).sample_batch(3)
     tasks = TaskBatch(tasks.support_x.double(), tasks.support_y, tasks.query_x.double(), tasks.query_y)
-    forwards = []
+    forwards, norm_double_backwards = [], []
     original = grouped_conv._Conv.apply
     monkeypatch.setattr(grouped_conv._Conv, "apply",
                         lambda *a: forwards.append(torch.is_grad_enabled()) or original(*a))
+    original_norm = norm_derivatives._BatchNormBackward.backward
+    monkeypatch.setattr(norm_derivatives._BatchNormBackward, "backward",
+                        staticmethod(lambda *a: norm_double_backwards.append(1) or original_norm(*a)))
 
     def meta_gradient(devices):
         monkeypatch.setattr(grouped_conv, "EXPLICIT_BACKWARD_DEVICES", devices)
+        monkeypatch.setattr(norm_derivatives, "EXPLICIT_BACKWARD_DEVICES", devices)
         if name == "mamlpp":
             return list(_mamlpp_meta_gradient(lambda: Conv4(3, hidden=8).double(), tasks, "classification", 0.3, 2,
                                               7, False, "off")[1].values())
@@ -500,7 +505,8 @@ def test_per_task_loops_take_grouped_conv_in_second_order_steps_with_torchs_numb
         return _meta_gradient(cls, model, tasks, "classification", 0.3, 2, first_order, "off")[1]
 
     torchs = meta_gradient(())
-    assert not forwards  # switched off: torch's convolution throughout
+    assert not forwards and not norm_double_backwards  # switched off: torch's rules throughout
     ours = meta_gradient(("cpu",))
     assert (sum(forwards) > 0) == (not first_order)  # 4 convolutions x 2 steps x 3 tasks when second order
+    assert (len(norm_double_backwards) > 0) == (not first_order)
     assert _relative(torchs, ours) < 1e-10

@@ -169,7 +169,8 @@ def test_chunk_sweep_times_each_chunk_size_and_restores_the_default(tmp_path, mo
     is the default again afterwards, so nothing else in the process runs at a swept size."""
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
     from maml_runner.algorithms import vectorized
-    default = vectorized.CPU_IMAGES_PER_CHUNK, vectorized.CPU_FIRST_ORDER_CHUNK_FACTOR
+    rule = ("CPU_IMAGES_PER_CHUNK", "CPU_SECOND_ORDER_IMAGES_PER_CHUNK", "CPU_FIRST_ORDER_CHUNK_FACTOR")
+    default = [getattr(vectorized, name) for name in rule]
     seen = []
     original = vectorized.task_chunks
     monkeypatch.setattr(vectorized, "task_chunks", lambda tasks, second_order: seen.append(
@@ -180,6 +181,6 @@ def test_chunk_sweep_times_each_chunk_size_and_restores_the_default(tmp_path, mo
     out = capsys.readouterr().out
     assert "chunk 256 images" in out and "chunk 20 images" in out
     assert 256 in seen and 20 in seen  # both sizes reached the fast path, exactly (first order: no factor)
-    assert (vectorized.CPU_IMAGES_PER_CHUNK, vectorized.CPU_FIRST_ORDER_CHUNK_FACTOR) == default
+    assert [getattr(vectorized, name) for name in rule] == default
     speedup = [line for line in out.splitlines() if line.startswith("SPEEDUP fomaml_5w1s ")]
     assert len(speedup) == 1 and float(speedup[0].split()[-1]) > 0

@@ -49,15 +49,22 @@ CPU_MAX_PIXELS_PER_TASK = CPU_MAX_IMAGES_PER_TASK * 28 * 28
 # 128 images beat 256 for every second-order step (MAML 5w1s 1.72 -> 1.93x at 2 threads, 1.36 -> 1.53x at 1;
 # MAML++, Meta-SGD alike; 20w1s: 160 beat 320 and 640) and for every step at 1 thread; first-order steps (FOMAML,
 # Reptile, ANIL, whose body has no double backward) with 2 threads did better with 256 (FOMAML 2.51 vs 2.35x, ANIL
-# 3.07 vs 2.71x): more work per op to share between threads. Other devices: one chunk (a GPU wants the big batch).
-CPU_IMAGES_PER_CHUNK = 128
+# 3.07 vs 2.71x): more work per op to share between threads. Since the first inner step runs the support pass as
+# ordinary convolutions over all of a chunk's images (grouped_conv._SharedConv, session 11), second-order steps do
+# better with 160 than 128 (5w1s: 2 chunks of 16 tasks instead of 3 of 11; MAML 1.07x, Meta-SGD 1.09x, ANIL 1.10x,
+# MAML++ 0.98-1.05x at 2 threads; MAML 0.99x at 1 thread), while first-order steps at 1 thread keep 128 (FOMAML 1.66
+# vs 1.55x, Reptile 1.42 vs 1.32x). Other devices: one chunk (a GPU wants the big batch).
+CPU_IMAGES_PER_CHUNK = 128  # first-order steps at one intra-op thread
+CPU_SECOND_ORDER_IMAGES_PER_CHUNK = 160
 CPU_FIRST_ORDER_CHUNK_FACTOR = 2  # first-order steps with several intra-op threads: chunks this many times larger
 
 
 def images_per_chunk(second_order: bool) -> int:
     """CPU chunk size for a step that does (`second_order`) or does not differentiate through the body's inner
     gradient."""
-    if second_order or torch.get_num_threads() == 1:
+    if second_order:
+        return CPU_SECOND_ORDER_IMAGES_PER_CHUNK
+    if torch.get_num_threads() == 1:
         return CPU_IMAGES_PER_CHUNK
     return CPU_IMAGES_PER_CHUNK * CPU_FIRST_ORDER_CHUNK_FACTOR
 
