@@ -96,9 +96,8 @@ class _BatchNormBackward(torch.autograd.Function):
         ggw = torch.zeros_like(invstd) if ggw is None else ggw
         d_gy = d_x = d_w = None
         if ctx.needs_input_grad[0]:
-            d_gy = xhat * _per_channel(ggw)
-            if ggb is not None:
-                d_gy = d_gy + _per_channel(ggb)
+            d_gy = (xhat * _per_channel(ggw) if ggb is None
+                    else torch.addcmul(_per_channel(ggb), xhat, _per_channel(ggw)))
             if u is not None:
                 d_gy = torch.addcmul(d_gy, u, _per_channel(w_rstd))
         if ctx.needs_input_grad[1]:

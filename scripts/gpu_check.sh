@@ -203,6 +203,11 @@ run_stage convgrad_cuda 60 "$PY" scripts/bench_formulations.py convgrad --device
   --root "$FIXTURE" --cases 5w1s:maml 20w1s:maml
 [ "$DRY_RUN" = 0 ] && grep -E 'RATIO' "$OUT_DIR/convgrad_cuda.log" | sed 's/^/  - /' | tee -a "$SUMMARY"
 
+# ---- 8. norm_derivatives' batch-norm double backward (CPU second-order steps) on the GPU, if time is left --------
+run_stage bngrad_cuda 60 "$PY" scripts/bench_formulations.py bngrad --device cuda --repeats 5 \
+  --root "$FIXTURE" --cases 5w1s:maml 20w1s:maml
+[ "$DRY_RUN" = 0 ] && grep -E 'RATIO' "$OUT_DIR/bngrad_cuda.log" | sed 's/^/  - /' | tee -a "$SUMMARY"
+
 say ""
 say "Total $(( $(date +%s) - START )) s of ${BUDGET} s. Logs beside this file. Data: generated fixture (not Omniglot)."
 rm -rf "$WORK"
