@@ -19,7 +19,8 @@ i.e. three reductions and a few fused multiply-adds. Torch's own kernels still r
 backward (`native_batch_norm`, `native_batch_norm_backward`), and a backward nobody differentiates (the outer pass).
 Same values up to float rounding (float64 tests against F.batch_norm's first, second and third derivatives). Used
 where grouped_conv's derivatives are (inside `second_order_step`, in eager mode) on the devices in
-EXPLICIT_BACKWARD_DEVICES, for float32/float64 inputs; elsewhere F.batch_norm as it is.
+EXPLICIT_BACKWARD_DEVICES, for float32/float64 inputs, and on every device where torch's own rule fails (no gamma,
+beta adapted); elsewhere F.batch_norm as it is.
 """
 from __future__ import annotations
 
@@ -38,10 +39,16 @@ def _per_channel(t: torch.Tensor) -> torch.Tensor:
     return t.view(1, -1, 1, 1)
 
 
-def use_explicit_backward(x: torch.Tensor) -> bool:
-    """Whether `transductive_batch_norm` takes this module's Functions for `x` (images [N, C, H, W])."""
-    return (in_second_order_step() and x.device.type in EXPLICIT_BACKWARD_DEVICES and x.dim() == 4
-            and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling())
+def use_explicit_backward(x: torch.Tensor, weight: torch.Tensor | None = None,
+                          bias: torch.Tensor | None = None) -> bool:
+    """Whether `transductive_batch_norm` takes this module's Functions for `x` (images [N, C, H, W]): inside a
+    second-order step, for float32/float64 images in eager mode, on the devices of EXPLICIT_BACKWARD_DEVICES, and on
+    any device without gamma when beta is differentiated (model.bn_scale=false with beta adapted), where torch
+    2.14's own double backward fails ("Expected a proper Tensor but got None"; tests/test_norm_derivatives.py)."""
+    if not (in_second_order_step() and x.dim() == 4 and x.dtype in (torch.float32, torch.float64)
+            and not torch.compiler.is_compiling()):
+        return False
+    return x.device.type in EXPLICIT_BACKWARD_DEVICES or (weight is None and bias is not None and bias.requires_grad)
 
 
 class _BatchNorm(torch.autograd.Function):
@@ -116,6 +123,6 @@ def transductive_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: 
                             eps: float) -> torch.Tensor:
     """F.batch_norm(x, None, None, weight, bias, True, 0.0, eps), with this module's double backward where
     `use_explicit_backward` says so."""
-    if not use_explicit_backward(x):
+    if not use_explicit_backward(x, weight, bias):
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     return _BatchNorm.apply(x, weight, bias, eps)

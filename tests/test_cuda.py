@@ -1,7 +1,7 @@
 """The runner on CUDA (skipped without a CUDA device; scripts/gpu_check.sh runs these with `-k cuda`).
 
 - The fast path's MAML / FOMAML meta-step on CUDA gives the CPU's meta-gradient and updated weights (float64, so
-  the only difference is rounding in different kernels).
+  the only difference is rounding in different kernels), also without batch-norm gamma (model.bn_scale=false).
 - A short `maml-run` on Omniglot-shaped fixture data with hardware=cuda trains, validates, tests and records the
   device it ran on.
 """
@@ -39,10 +39,12 @@ def _relative_difference(a, b) -> float:
 
 
 @needs_cuda
-@pytest.mark.parametrize("name", ["maml", "fomaml"])
-def test_fast_path_meta_step_on_cuda_equals_cpu(name):
+@pytest.mark.parametrize("name,bn_scale", [("maml", True), ("fomaml", True), ("maml", False)])
+def test_fast_path_meta_step_on_cuda_equals_cpu(name, bn_scale):
+    """bn_scale=False: without gamma, torch's own batch-norm double backward fails when beta is adapted; on CUDA
+    too the step takes norm_derivatives' then."""
     torch.manual_seed(0)
-    model = Conv4(5).double()
+    model = Conv4(5, bn_scale=bn_scale).double()
     cfg = OmegaConf.create(dict(name=name, inner_lr=0.4, inner_steps=1, outer_lr=0.001,
                                 first_order=name == "fomaml"))
     on_cpu = build_algorithm(copy.deepcopy(model), cfg, "classification", 100, vectorize="on")

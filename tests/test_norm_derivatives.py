@@ -91,8 +91,8 @@ def test_without_gamma_an_adapted_beta_works_where_torchs_rule_fails():
 
 
 def test_used_only_where_measured(monkeypatch):
-    """Second-order steps on CPU for float images; first-order steps, other dtypes and shapes, CUDA and the
-    switched-off module get F.batch_norm."""
+    """Second-order steps on CPU for float images, and on every device without gamma when beta is differentiated;
+    first-order steps, other dtypes and shapes, CUDA and the switched-off module otherwise get F.batch_norm."""
     x = torch.randn(2, 3, 4, 4)
     w = torch.ones(3, requires_grad=True)
     assert not use_explicit_backward(x)  # outside a second-order step
@@ -105,8 +105,12 @@ def test_used_only_where_measured(monkeypatch):
         assert not use_explicit_backward(x.flatten(2))  # not images
         if torch.cuda.is_available():
             assert not use_explicit_backward(x.cuda())
-        monkeypatch.setattr(norm_derivatives, "EXPLICIT_BACKWARD_DEVICES", ())
-        assert not use_explicit_backward(x)
+        monkeypatch.setattr(norm_derivatives, "EXPLICIT_BACKWARD_DEVICES", ())  # as on CUDA today
+        assert not use_explicit_backward(x, w, None)
+        beta = torch.zeros(3, requires_grad=True)
+        assert use_explicit_backward(x, None, beta)  # without gamma torch's rule fails: on every device
+        assert not use_explicit_backward(x, None, beta.detach())  # beta not differentiated: torch's rule works
+    assert not use_explicit_backward(x, None, torch.zeros(3, requires_grad=True))  # first order: no double backward
 
 
 def test_second_order_steps_of_the_fast_path_use_it(monkeypatch):
