@@ -149,14 +149,31 @@ class _WeightGrad(torch.autograd.Function):
 # convolution, 14x14, 11 tasks). Only filter gradients differ per task: inside the inner step (differentiated) they
 # stay task-grouped; in the outer pass, whose filter gradient the expand sums over tasks anyway, each is one ordinary
 # filter gradient over all images, spread evenly over the tasks' rows (the sum is the same up to float rounding).
+# First-order steps take the inner gradient at detached per-task copies of the filters (leaves, still stride 0):
+# there the forward and input gradient are shared too and every filter gradient is each task's own.
 # scripts/bench_formulations.py firststep switches it off per variant to time both side by side.
 SHARE_FIRST_STEP_FILTERS = True
 
 
-def _shared_by_tasks(value: torch.Tensor) -> bool:
-    """`value` [T, ...] (filters, biases) is one tensor expanded over the tasks, whose gradient the expand sums."""
-    return (SHARE_FIRST_STEP_FILTERS and value.stride(0) == 0 and value.grad_fn is not None
-            and type(value.grad_fn).__name__.startswith("ExpandBackward"))
+def _expanded(value: torch.Tensor) -> bool:
+    """`value` [T, ...] is one tensor expanded over the tasks, whose gradient the expand sums."""
+    return value.grad_fn is not None and type(value.grad_fn).__name__.startswith("ExpandBackward")
+
+
+def shared_filters(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding) -> bool | None:
+    """None unless every task's filters (and biases) are one tensor (stride 0 over tasks) that `_SharedConv` can
+    take on this device; then whether its outer-pass filter gradients may be summed over tasks (True: expanded
+    views of the model's filters in a second-order step) or must be each task's own (False: leaves, the detached
+    copies of a first-order step)."""
+    values = [weight] + ([] if bias is None else [bias])
+    if not (SHARE_FIRST_STEP_FILTERS and x.device.type in EXPLICIT_BACKWARD_DEVICES and not isinstance(padding, str)
+            and not torch.compiler.is_compiling() and all(v.stride(0) == 0 and v.requires_grad for v in values)):
+        return None
+    if _in_second_order_step and all(_expanded(v) for v in values):
+        return True
+    if all(v.is_leaf for v in values):
+        return False
+    return None
 
 
 def _tasks_as_batch(x: torch.Tensor, tasks: int) -> torch.Tensor:
@@ -175,20 +192,37 @@ def _spread_over_tasks(summed: torch.Tensor, tasks: int) -> torch.Tensor:
     return (summed / tasks).expand(tasks, *summed.shape)
 
 
+def _filter_shape(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like the grouped filters [T*Cout, Cin, k, k] (convolution_backward reads its shape only)."""
+    return x.new_empty(1, 1, 1, 1).expand(weight.shape[0] * weight.shape[1], *weight.shape[2:])
+
+
 def _grouped_filter_gradient(x, gy, weight, geometry) -> torch.Tensor:
     """Each task's own filter gradient [T, *filter] (differentiable: _WeightGrad)."""
+    return _WeightGrad.apply(x, gy, _filter_shape(x, weight), *geometry, weight.shape[0]).view(weight.shape)
+
+
+def _outer_filter_gradient(x, gy, weight, geometry, summed: bool) -> torch.Tensor:
+    """The filter gradient [T, *filter] in a backward nobody differentiates: one ordinary filter gradient over all
+    images spread over the tasks (`summed`), else each task's own."""
+    stride, padding, dilation = (list(g) for g in geometry)
     tasks = weight.shape[0]
-    like = x.new_empty(1, 1, 1, 1).expand(tasks * weight.shape[1], *weight.shape[2:])  # its shape only
-    return _WeightGrad.apply(x, gy, like, *geometry, tasks).view(weight.shape)
+    if summed:
+        gw = torch.ops.aten.convolution_backward(_tasks_as_batch(gy, tasks), _tasks_as_batch(x, tasks), weight[0],
+                                                 None, stride, padding, dilation, False, [0, 0], 1,
+                                                 [False, True, False])[1]
+        return _spread_over_tasks(gw, tasks)
+    return torch.ops.aten.convolution_backward(gy, x, _filter_shape(x, weight), None, stride, padding, dilation,
+                                               False, [0, 0], tasks, [False, True, False])[1].view(weight.shape)
 
 
 class _SharedConv(torch.autograd.Function):
-    """conv of each task's images with its filters `weight` [T, Cout, Cin, k, k], all equal (`_shares_filters`)."""
+    """conv of each task's images with its filters `weight` [T, Cout, Cin, k, k], all equal (`shared_filters`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride: Pair, padding: Pair, dilation: Pair):
+    def forward(ctx, x, weight, bias, stride: Pair, padding: Pair, dilation: Pair, summed: bool):
         ctx.save_for_backward(x, weight)
-        ctx.geometry = stride, padding, dilation
+        ctx.geometry, ctx.summed = (stride, padding, dilation), summed
         ctx.has_bias = bias is not None
         out = F.conv2d(_tasks_as_batch(x, weight.shape[0]), weight[0], None if bias is None else bias[0], stride,
                        padding, dilation)
@@ -200,31 +234,41 @@ class _SharedConv(torch.autograd.Function):
         tasks, (stride, padding, dilation) = weight.shape[0], ctx.geometry
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = gw = gb = None
-        if not torch.is_grad_enabled():  # the outer pass: ordinary convolution gradients over all images
-            gx, gw, gb = torch.ops.aten.convolution_backward(
-                _tasks_as_batch(gy, tasks), _tasks_as_batch(x, tasks), weight[0],
-                [weight.shape[1]] if ctx.has_bias else None, list(stride), list(padding), list(dilation), False,
-                [0, 0], 1, [need_x, need_w, ctx.has_bias and need_b])
+        if not torch.is_grad_enabled():  # nobody differentiates this backward: ordinary convolutions where shared
+            if ctx.summed:  # the outer pass of a second-order step: one fused call over all images
+                gx, gw, gb = torch.ops.aten.convolution_backward(
+                    _tasks_as_batch(gy, tasks), _tasks_as_batch(x, tasks), weight[0],
+                    [weight.shape[1]] if ctx.has_bias else None, list(stride), list(padding), list(dilation), False,
+                    [0, 0], 1, [need_x, need_w, ctx.has_bias and need_b])
+                gw = None if gw is None else _spread_over_tasks(gw, tasks)
+                gb = None if gb is None else _spread_over_tasks(gb, tasks)
+            else:  # a first-order inner gradient: each task's own filter gradient
+                if need_x:
+                    gx = torch.ops.aten.convolution_backward(
+                        _tasks_as_batch(gy, tasks), _tasks_as_batch(x, tasks), weight[0], None, list(stride),
+                        list(padding), list(dilation), False, [0, 0], 1, [True, False, False])[0]
+                if need_w:
+                    gw = _outer_filter_gradient(x, gy, weight, ctx.geometry, False)
+                if ctx.has_bias and need_b:
+                    gb = gy.sum((0, 2, 3)).view(tasks, -1)
             gx = None if gx is None else _batch_as_tasks(gx, x.shape[0])
-            gw = None if gw is None else _spread_over_tasks(gw, tasks)
-            gb = None if gb is None else _spread_over_tasks(gb, tasks)
-            return gx, gw, gb, None, None, None
+            return gx, gw, gb, None, None, None, None
         if need_x:
-            gx = _SharedInputGrad.apply(gy, weight, x.shape[2:], *ctx.geometry)
+            gx = _SharedInputGrad.apply(gy, weight, x.shape[2:], *ctx.geometry, ctx.summed)
         if need_w:
             gw = _grouped_filter_gradient(x, gy, weight, ctx.geometry)
         if ctx.has_bias and need_b:
             gb = gy.sum((0, 2, 3)).view(tasks, -1)
-        return gx, gw, gb, None, None, None
+        return gx, gw, gb, None, None, None, None
 
 
 class _SharedInputGrad(torch.autograd.Function):
     """_InputGrad for filters shared by all tasks: one transposed convolution over all N*T output gradients."""
 
     @staticmethod
-    def forward(ctx, gy, weight, size, stride: Pair, padding: Pair, dilation: Pair):
+    def forward(ctx, gy, weight, size, stride: Pair, padding: Pair, dilation: Pair, summed: bool):
         ctx.save_for_backward(gy, weight)
-        ctx.geometry = stride, padding, dilation
+        ctx.geometry, ctx.summed = (stride, padding, dilation), summed
         output_padding = _output_padding(size, gy.shape[2:], weight.shape[3:], stride, padding, dilation)
         out = F.conv_transpose2d(_tasks_as_batch(gy, weight.shape[0]), weight[0], None, stride, padding,
                                  output_padding, 1, dilation)
@@ -236,28 +280,28 @@ class _SharedInputGrad(torch.autograd.Function):
         tasks, (stride, padding, dilation) = weight.shape[0], ctx.geometry
         d_gy = d_weight = None
         if not torch.is_grad_enabled():
-            d_gy, d_weight, _ = torch.ops.aten.convolution_backward(
-                _tasks_as_batch(gy, tasks), _tasks_as_batch(ggx, tasks), weight[0], None, list(stride),
-                list(padding), list(dilation), False, [0, 0], 1, [False, ctx.needs_input_grad[1], False])
             if ctx.needs_input_grad[0]:
                 d_gy = _batch_as_tasks(F.conv2d(_tasks_as_batch(ggx, tasks), weight[0], None, stride, padding,
                                                 dilation), gy.shape[0])
-            return d_gy, None if d_weight is None else _spread_over_tasks(d_weight, tasks), None, None, None, None
+            if ctx.needs_input_grad[1]:
+                d_weight = _outer_filter_gradient(ggx, gy, weight, ctx.geometry, ctx.summed)
+            return d_gy, d_weight, None, None, None, None, None
         if ctx.needs_input_grad[0]:
-            d_gy = _SharedConv.apply(ggx, weight, None, *ctx.geometry)
+            d_gy = _SharedConv.apply(ggx, weight, None, *ctx.geometry, ctx.summed)
         if ctx.needs_input_grad[1]:
             d_weight = _grouped_filter_gradient(ggx, gy, weight, ctx.geometry)
-        return d_gy, d_weight, None, None, None, None
+        return d_gy, d_weight, None, None, None, None, None
 
 
 def task_grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
                         dilation) -> torch.Tensor:
     """Each task's convolution in the layout [N, T*C, H, W], with per-task filters `weight` [T, Cout, Cin, k, k]
-    and biases [T, Cout]: `_SharedConv` where they are expanded views of one tensor inside a second-order step,
-    else `grouped_conv2d` with groups = T."""
+    and biases [T, Cout]: `_SharedConv` where they are one tensor for all tasks (`shared_filters`), else
+    `grouped_conv2d` with groups = T."""
     tasks = weight.shape[0]
-    if use_explicit_backward(x, padding) and _shared_by_tasks(weight) and (bias is None or _shared_by_tasks(bias)):
-        return _SharedConv.apply(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation))
+    summed = shared_filters(x, weight, bias, padding)
+    if summed is not None:
+        return _SharedConv.apply(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), summed)
     return grouped_conv2d(x, weight.reshape(-1, *weight.shape[2:]), None if bias is None else bias.reshape(-1),
                           stride, padding, dilation, tasks)
 

@@ -20,7 +20,8 @@ Eight experiments, each alternating its variants so that load changes hit both a
   (maml_runner/norm_derivatives.py: three reductions and a few fused multiply-adds; the runner uses it in
   second-order steps on CPU; with --device cuda the variant uses it on the GPU).
 * `firststep`: the same step with the support pass of inner step 0 as task-grouped convolutions vs as ordinary
-  convolutions over all tasks' images at the shared filters (grouped_conv._SharedConv; second-order steps on CPU).
+  convolutions over all tasks' images at the shared filters (grouped_conv._SharedConv, on CPU; first-order steps
+  at the detached copies of the filters).
 * `channelslast`: the same step with the images in torch's default layout vs channels-last (NHWC, which oneDNN's
   strided backward-data kernels use; the other convolutions and batch norm follow the input's layout).
 
@@ -56,7 +57,7 @@ DEFAULT_CASES = {
     "convgrad": ["5w1s:maml", "5w1s:fomaml", "20w1s:maml", "20w1s:fomaml", "5w1s:mamlpp", "5w1s:metasgd",
                  "5w1s:anil", "5w1s:reptile"],
     "bngrad": ["5w1s:maml", "20w1s:maml", "5w1s:mamlpp", "5w1s:metasgd"],
-    "firststep": ["5w1s:maml", "20w1s:maml", "5w1s:mamlpp", "5w1s:metasgd"],
+    "firststep": ["5w1s:maml", "20w1s:maml", "5w1s:mamlpp", "5w1s:metasgd", "5w1s:fomaml", "5w1s:reptile"],
     "channelslast": ["5w1s:maml", "20w1s:maml"],
 }
 

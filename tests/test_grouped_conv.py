@@ -92,7 +92,7 @@ def test_used_only_where_measured(monkeypatch):
 
 def test_second_order_steps_of_the_fast_path_use_it(monkeypatch):
     """MAML's vectorized step takes this module's convolutions when second order (the support pass at the shared
-    filters, the query pass at each task's adapted ones) and F.conv2d when first order."""
+    filters, the query pass at each task's adapted ones); when first order, only the shared support pass."""
     from maml_runner.algorithms import vectorized
     from maml_runner.data.base import TaskBatch
     from maml_runner.models import Conv4
@@ -107,12 +107,12 @@ def test_second_order_steps_of_the_fast_path_use_it(monkeypatch):
     images = torch.randn(2, 3, 1, 8, 8, generator=generator)
     labels = torch.arange(3).repeat(2, 1)
     tasks = TaskBatch(images, labels, images, labels)
-    for first_order, expected in ((True, 0), (False, 4)):  # 4 convolutions in each pass
+    for first_order, grouped in ((True, 0), (False, 4)):  # 4 convolutions in each pass
         for calls in seen.values():
             calls.clear()
         losses, _ = vectorized.adapt_and_query_grouped(model, tasks, 0.1, 1, first_order, F.cross_entropy)
         losses.sum().backward()
-        assert sum(seen["_SharedConv"]) == sum(seen["_Conv"]) == expected
+        assert sum(seen["_SharedConv"]) == 4 and sum(seen["_Conv"]) == grouped
 
 
 # ---- the first inner step's shared filters ------------------------------------------------------------------------
@@ -172,13 +172,40 @@ def test_shared_filters_give_torchs_numbers_through_an_inner_step(side, cin, gro
 
 
 def test_shared_filters_only_where_they_are_one_expanded_tensor():
-    """Detached per-task copies (first-order steps), adapted filters and leaves take the grouped convolution."""
+    """Expanded views in a second-order step: filter gradients summed over tasks in the outer pass. Detached
+    per-task copies (leaves, first-order steps): each task's own. Adapted filters: the grouped convolution."""
+    from maml_runner.grouped_conv import shared_filters
     x, w, _ = _shared_inputs(6, 2, False)
+    leaf = _per_task(w).detach().requires_grad_()
     with second_order_step():
-        shared = task_grouped_conv2d(x, _per_task(w), None, 1, 1, 1)
-        leaf = task_grouped_conv2d(x, _per_task(w).detach().requires_grad_(), None, 1, 1, 1)
-        adapted = task_grouped_conv2d(x, _per_task(w) * 0.5, None, 1, 1, 1)
-    outside = task_grouped_conv2d(x, _per_task(w), None, 1, 1, 1)
-    assert type(shared.grad_fn).__name__ == "_SharedConvBackward"
-    assert type(leaf.grad_fn).__name__ == type(adapted.grad_fn).__name__ == "_ConvBackward"
-    assert type(outside.grad_fn).__name__ == "ConvolutionBackward0"
+        assert shared_filters(x, _per_task(w), None, 1) is True
+        assert shared_filters(x, leaf, None, 1) is False
+        assert shared_filters(x, _per_task(w) * 0.5, None, 1) is None  # adapted: no longer one tensor
+        assert shared_filters(x, _per_task(w), None, "same") is None
+        assert type(task_grouped_conv2d(x, _per_task(w), None, 1, 1, 1).grad_fn).__name__ == "_SharedConvBackward"
+        assert type(task_grouped_conv2d(x, _per_task(w) * 0.5, None, 1, 1, 1).grad_fn).__name__ == "_ConvBackward"
+    assert shared_filters(x, _per_task(w), None, 1) is None  # expanded outside a second-order step: F.conv2d
+    assert type(task_grouped_conv2d(x, _per_task(w), None, 1, 1, 1).grad_fn).__name__ == "ConvolutionBackward0"
+    assert shared_filters(x, leaf, None, 1) is False
+    assert type(task_grouped_conv2d(x, leaf, None, 1, 1, 1).grad_fn).__name__ == "_SharedConvBackward"
+
+
+@pytest.mark.parametrize("side,cin,groups,stride,padding,dilation,bias", GEOMETRIES)
+def test_detached_shared_filters_give_each_tasks_own_gradients(side, cin, groups, stride, padding, dilation, bias):
+    """A first-order inner step: per-task gradients at detached copies of the filters (leaves of stride 0) and
+    the gradient in the images, as F.conv2d with groups = tasks gives them (float64)."""
+    x, w, b = _shared_inputs(side, cin, bias, seed=4)
+    leaves = [_per_task(w).detach().requires_grad_()] + ([_per_task(b).detach().requires_grad_()] if bias else [])
+    weight = torch.randn(2, TASKS * 4, *F.conv2d(x[:, :cin], w, None, stride, padding, dilation).shape[2:],
+                         dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def gradients(conv):
+        out = conv(x, *leaves)
+        return torch.autograd.grad((out.tanh() * weight).sum(), [x] + leaves)
+
+    ours = gradients(lambda x, w, b=None: task_grouped_conv2d(x, w, b, stride, padding, dilation))
+    torchs = gradients(lambda x, w, b=None: F.conv2d(x, w.reshape(-1, *w.shape[2:]), None if b is None else
+                                                     b.reshape(-1), stride, padding, dilation, TASKS))
+    assert not torch.allclose(ours[1][0], ours[1][1])  # each task's own
+    for a, b_ in zip(ours, torchs):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-10)
