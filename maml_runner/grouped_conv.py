@@ -20,6 +20,10 @@ derivatives). Used in second-order steps on CPU only (`second_order_step`, `EXPL
 where it was measured faster, 1.02-1.13x per vectorized train step (docs/benchmarks.md, "Convolution
 derivatives"); first-order steps, CUDA and compiled graphs keep torch's own rules. Both the task-grouped forward
 (models.grouped_conv2d, groups = tasks) and the per-task loops (models.Conv2d, groups = 1) take it.
+
+The task-grouped forward's first inner step also runs its support pass at the shared filters (`_SharedConv`,
+section below): as ordinary convolutions over all tasks' images wherever the products do not differ per task, on
+CPU, in second-order and first-order steps (1.10x MAML 5w1s, 1.06x FOMAML and Reptile; docs/benchmarks.md).
 """
 from __future__ import annotations
 
