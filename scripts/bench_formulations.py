@@ -113,7 +113,8 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
     forward eager vs torch.compile, hardware.compile; first-order algorithms only), `batchnorm` (native vs
     composite batch norm), `convgrad` (torch's derivative rules for the grouped convolutions vs grouped_conv's),
     `bngrad` (torch's batch-norm double backward vs norm_derivatives'), `firststep` (the step-0 support pass
-    task-grouped vs at the shared filters) or `channelslast` (the task-grouped images in the default layout vs channels-last). Same weights, same tasks."""
+    task-grouped vs at the shared filters) or `channelslast` (the task-grouped images in the default layout vs
+    channels-last). Same weights, same tasks."""
     from hydra import compose, initialize_config_dir
 
     from maml_runner import grouped_conv, models, norm_derivatives
