@@ -93,27 +93,28 @@ class _BatchNormBackward(torch.autograd.Function):
             xhat = (x - _per_channel(mean)).mul_(_per_channel(invstd))
         w_rstd = invstd if weight is None else weight * invstd
         a, bq = gb / m, gw / m  # mean(gy), mean(gy * xhat)
+        zero = torch.zeros_like(invstd)
         if ggx is not None:
             s1, s2, s3 = ggx.sum(_DIMS), (ggx * xhat).sum(_DIMS), (ggx * gy).sum(_DIMS)
-            u = torch.addcmul(ggx - _per_channel(s1 / m), xhat, _per_channel(-s2 / m))  # P(ggx)
             big_g = s3 - a * s1 - bq * s2
         else:
-            s2 = big_g = torch.zeros_like(invstd)
-            u = None
-        ggw = torch.zeros_like(invstd) if ggw is None else ggw
+            s1 = s2 = big_g = zero
+        ggw = zero if ggw is None else ggw
+        ggb = zero if ggb is None else ggb
+        # u = P(ggx) = ggx - s1 / m - xhat * s2 / m is expanded into each result, so it is never materialised.
         d_gy = d_x = d_w = None
-        if ctx.needs_input_grad[0]:
-            d_gy = (xhat * _per_channel(ggw) if ggb is None
-                    else torch.addcmul(_per_channel(ggb), xhat, _per_channel(ggw)))
-            if u is not None:
-                d_gy = torch.addcmul(d_gy, u, _per_channel(w_rstd))
-        if ctx.needs_input_grad[1]:
-            c_gy = invstd * (ggw - w_rstd * s2 / m)  # rstd * alpha, the coefficient of P(gy)
-            c_xhat = -c_gy * bq - w_rstd * invstd * big_g / m
-            d_x = torch.addcmul(_per_channel(-c_gy * a), gy, _per_channel(c_gy))
+        if ctx.needs_input_grad[0]:  # w_rstd * u + ggw * xhat + ggb
+            d_gy = torch.addcmul(_per_channel(ggb - w_rstd * s1 / m), xhat, _per_channel(ggw - w_rstd * s2 / m))
+            if ggx is not None:
+                d_gy = torch.addcmul(d_gy, ggx, _per_channel(w_rstd))
+        if ctx.needs_input_grad[1]:  # c_gy * P(gy) + c_u * u - w_rstd * rstd * G / m * xhat
+            c_gy = invstd * (ggw - w_rstd * s2 / m)  # rstd * alpha
+            c_u = -w_rstd * invstd * bq
+            c_xhat = -c_gy * bq - w_rstd * invstd * big_g / m - c_u * s2 / m
+            d_x = torch.addcmul(_per_channel(-c_gy * a - c_u * s1 / m), gy, _per_channel(c_gy))
             d_x = torch.addcmul(d_x, xhat, _per_channel(c_xhat))
-            if u is not None:
-                d_x = torch.addcmul(d_x, u, _per_channel(-w_rstd * invstd * bq))
+            if ggx is not None:
+                d_x = torch.addcmul(d_x, ggx, _per_channel(c_u))
         if ctx.needs_input_grad[2]:
             d_w = invstd * big_g
         return d_gy, d_x, d_w, None, None, None
