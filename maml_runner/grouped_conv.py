@@ -180,12 +180,12 @@ def shared_filters(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return None
 
 
-def _tasks_as_batch(x: torch.Tensor, tasks: int) -> torch.Tensor:
+def tasks_as_batch(x: torch.Tensor, tasks: int) -> torch.Tensor:
     """[N, T*C, H, W] -> [N*T, C, H, W] (a view)."""
     return x.reshape(x.shape[0] * tasks, -1, *x.shape[2:])
 
 
-def _batch_as_tasks(x: torch.Tensor, n: int) -> torch.Tensor:
+def batch_as_tasks(x: torch.Tensor, n: int) -> torch.Tensor:
     """[N*T, C, H, W] -> [N, T*C, H, W] (a view)."""
     return x.reshape(n, -1, *x.shape[2:])
 
@@ -212,12 +212,21 @@ def _outer_filter_gradient(x, gy, weight, geometry, summed: bool) -> torch.Tenso
     stride, padding, dilation = (list(g) for g in geometry)
     tasks = weight.shape[0]
     if summed:
-        gw = torch.ops.aten.convolution_backward(_tasks_as_batch(gy, tasks), _tasks_as_batch(x, tasks), weight[0],
+        gw = torch.ops.aten.convolution_backward(tasks_as_batch(gy, tasks), tasks_as_batch(x, tasks), weight[0],
                                                  None, stride, padding, dilation, False, [0, 0], 1,
                                                  [False, True, False])[1]
         return _spread_over_tasks(gw, tasks)
     return torch.ops.aten.convolution_backward(gy, x, _filter_shape(x, weight), None, stride, padding, dilation,
                                                False, [0, 0], tasks, [False, True, False])[1].view(weight.shape)
+
+
+def _shared_input_grad(gy, weight, size, stride: Pair, padding: Pair, dilation: Pair) -> torch.Tensor:
+    """The input gradient at filters shared by all tasks: one transposed convolution over all N*T output
+    gradients."""
+    output_padding = _output_padding(size, gy.shape[2:], weight.shape[3:], stride, padding, dilation)
+    out = F.conv_transpose2d(tasks_as_batch(gy, weight.shape[0]), weight[0], None, stride, padding, output_padding,
+                             1, dilation)
+    return batch_as_tasks(out, gy.shape[0])
 
 
 class _SharedConv(torch.autograd.Function):
@@ -228,55 +237,48 @@ class _SharedConv(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.geometry, ctx.summed = (stride, padding, dilation), summed
         ctx.has_bias = bias is not None
-        out = F.conv2d(_tasks_as_batch(x, weight.shape[0]), weight[0], None if bias is None else bias[0], stride,
+        out = F.conv2d(tasks_as_batch(x, weight.shape[0]), weight[0], None if bias is None else bias[0], stride,
                        padding, dilation)
-        return _batch_as_tasks(out, x.shape[0])
+        return batch_as_tasks(out, x.shape[0])
 
     @staticmethod
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
-        tasks, (stride, padding, dilation) = weight.shape[0], ctx.geometry
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        tasks = weight.shape[0]
+        need_x, need_w = ctx.needs_input_grad[:2]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        differentiated = torch.is_grad_enabled()
+        if ctx.summed and not differentiated:  # the outer pass of a second-order step: one fused call, all images
+            stride, padding, dilation = (list(g) for g in ctx.geometry)
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                tasks_as_batch(gy, tasks), tasks_as_batch(x, tasks), weight[0],
+                [weight.shape[1]] if ctx.has_bias else None, stride, padding, dilation, False, [0, 0], 1,
+                [need_x, need_w, need_b])
+            return (None if gx is None else batch_as_tasks(gx, x.shape[0]),
+                    None if gw is None else _spread_over_tasks(gw, tasks),
+                    None if gb is None else _spread_over_tasks(gb, tasks), None, None, None, None)
+        # Differentiated (the inner step of a second-order step), or a first-order inner gradient: each task's own
+        # filter gradient; the input gradient at the shared filters.
         gx = gw = gb = None
-        if not torch.is_grad_enabled():  # nobody differentiates this backward: ordinary convolutions where shared
-            if ctx.summed:  # the outer pass of a second-order step: one fused call over all images
-                gx, gw, gb = torch.ops.aten.convolution_backward(
-                    _tasks_as_batch(gy, tasks), _tasks_as_batch(x, tasks), weight[0],
-                    [weight.shape[1]] if ctx.has_bias else None, list(stride), list(padding), list(dilation), False,
-                    [0, 0], 1, [need_x, need_w, ctx.has_bias and need_b])
-                gw = None if gw is None else _spread_over_tasks(gw, tasks)
-                gb = None if gb is None else _spread_over_tasks(gb, tasks)
-            else:  # a first-order inner gradient: each task's own filter gradient
-                if need_x:
-                    gx = torch.ops.aten.convolution_backward(
-                        _tasks_as_batch(gy, tasks), _tasks_as_batch(x, tasks), weight[0], None, list(stride),
-                        list(padding), list(dilation), False, [0, 0], 1, [True, False, False])[0]
-                if need_w:
-                    gw = _outer_filter_gradient(x, gy, weight, ctx.geometry, False)
-                if ctx.has_bias and need_b:
-                    gb = gy.sum((0, 2, 3)).view(tasks, -1)
-            gx = None if gx is None else _batch_as_tasks(gx, x.shape[0])
-            return gx, gw, gb, None, None, None, None
         if need_x:
-            gx = _SharedInputGrad.apply(gy, weight, x.shape[2:], *ctx.geometry, ctx.summed)
+            gx = (_SharedInputGrad.apply(gy, weight, x.shape[2:], *ctx.geometry, ctx.summed) if differentiated
+                  else _shared_input_grad(gy, weight, x.shape[2:], *ctx.geometry))
         if need_w:
-            gw = _grouped_filter_gradient(x, gy, weight, ctx.geometry)
-        if ctx.has_bias and need_b:
+            gw = (_grouped_filter_gradient(x, gy, weight, ctx.geometry) if differentiated
+                  else _outer_filter_gradient(x, gy, weight, ctx.geometry, False))
+        if need_b:
             gb = gy.sum((0, 2, 3)).view(tasks, -1)
         return gx, gw, gb, None, None, None, None
 
 
 class _SharedInputGrad(torch.autograd.Function):
-    """_InputGrad for filters shared by all tasks: one transposed convolution over all N*T output gradients."""
+    """_InputGrad for filters shared by all tasks (`_shared_input_grad`), differentiable."""
 
     @staticmethod
     def forward(ctx, gy, weight, size, stride: Pair, padding: Pair, dilation: Pair, summed: bool):
         ctx.save_for_backward(gy, weight)
         ctx.geometry, ctx.summed = (stride, padding, dilation), summed
-        output_padding = _output_padding(size, gy.shape[2:], weight.shape[3:], stride, padding, dilation)
-        out = F.conv_transpose2d(_tasks_as_batch(gy, weight.shape[0]), weight[0], None, stride, padding,
-                                 output_padding, 1, dilation)
-        return _batch_as_tasks(out, gy.shape[0])
+        return _shared_input_grad(gy, weight, size, stride, padding, dilation)
 
     @staticmethod
     def backward(ctx, ggx):
@@ -285,7 +287,7 @@ class _SharedInputGrad(torch.autograd.Function):
         d_gy = d_weight = None
         if not torch.is_grad_enabled():
             if ctx.needs_input_grad[0]:
-                d_gy = _batch_as_tasks(F.conv2d(_tasks_as_batch(ggx, tasks), weight[0], None, stride, padding,
+                d_gy = batch_as_tasks(F.conv2d(tasks_as_batch(ggx, tasks), weight[0], None, stride, padding,
                                                 dilation), gy.shape[0])
             if ctx.needs_input_grad[1]:
                 d_weight = _outer_filter_gradient(ggx, gy, weight, ctx.geometry, ctx.summed)

@@ -89,8 +89,9 @@ def per_step_batch_norms(module: nn.Module, steps: int) -> list[PerStepBatchNorm
 # A meta-batch's T tasks at once, each with its own copy of the parameters (`params`: name -> tensor [T, *shape]).
 # Images run as [N, T*C, H, W] (task t owns channels t*C..t*C+C-1): a grouped convolution (groups=T) applies each
 # task's own filters, and batch norm's per-channel statistics are per task and channel, i.e. exactly each task's
-# transductive batch norm, with torch's native batch_norm and its (correct, fast) double backward. Vectors run as
-# [T, N, F] with batched matmuls. Activations, padding and pooling act per channel: the layout does not matter.
+# transductive batch norm, with torch's native batch_norm kernels (and, in second-order steps on CPU,
+# norm_derivatives' double backward). Vectors run as [T, N, F] with batched matmuls. Activations, padding and
+# pooling act per channel: the layout does not matter.
 def running_statistics_reason(model: nn.Module) -> str | None:
     """None if no module of `model` updates running statistics (buffers written in the forward pass, which neither
     the task-grouped forward nor vmap can do); else which module does."""
@@ -122,10 +123,8 @@ def _shared(value: torch.Tensor, own: nn.Parameter) -> bool:
 def grouped_conv2d(conv: nn.Conv2d, x: torch.Tensor, params: dict, prefix: str, tasks: int) -> torch.Tensor:
     weight, bias = params[prefix + "weight"], params.get(prefix + "bias")
     if _shared(weight, conv.weight):  # one ordinary convolution over every task's images ([N, T*C] = [N*T, C])
-        n = x.shape[0]
-        out = F.conv2d(x.reshape(n * tasks, -1, *x.shape[2:]), weight, bias, conv.stride, conv.padding,
-                       conv.dilation)
-        return out.reshape(n, -1, *out.shape[2:])
+        out = F.conv2d(grouped_conv.tasks_as_batch(x, tasks), weight, bias, conv.stride, conv.padding, conv.dilation)
+        return grouped_conv.batch_as_tasks(out, x.shape[0])
     return grouped_conv.task_grouped_conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
 
 

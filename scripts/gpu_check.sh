@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One short GPU check (<= 8 minutes on one GPU, whole script): the CUDA tests, scripts/bench_speed.py --device cuda
 # (reference and peer columns, Omniglot-shaped generated data), a timed 2,000-iteration 5w1s `maml-run` on CUDA and,
-# if time is left, bf16 autocast vs float32, torch.compile of first-order steps and grouped_conv's convolution
-# derivatives vs torch's (scripts/bench_formulations.py).
+# if time is left, bf16 autocast vs float32, torch.compile of first-order steps, and grouped_conv's convolution and
+# norm_derivatives' batch-norm derivatives vs torch's (scripts/bench_formulations.py).
 # Writes a markdown summary (default $OUT/gpu_check.md, else outputs/gpu_check/gpu_check.md) as it goes, so a run cut
 # short still says what it did. Each stage has its own time limit and never runs past the overall deadline.
 #
