@@ -8,7 +8,9 @@ import resource
 import numpy as np
 import torch
 
+from . import norm_derivatives
 from .errors import UserError
+from .models import has_transductive_batch_norm
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -113,16 +115,17 @@ def peak_memory_mb(device: torch.device) -> float:
 
 # ---- hardware.compile ---------------------------------------------------------------------------------------------
 def compile_fast_path(algorithm) -> None:
-    """hardware.compile=true: `torch.compile` the model's task-grouped forward, which the fast path
-    (algorithms/vectorized.py) runs for every inner step and query of a meta-batch. Only for algorithms that never
-    differentiate twice (fomaml, reptile, pretrain, `algorithm.first_order=true`): torch.compile does not support
-    double backward. The first meta-batch of each shape pays the compilation (about a minute on the development
-    CPU); the per-task loop, evaluation and ANIL's body/head split run uncompiled. Float64 meta-gradients equal the
-    uncompiled ones to rounding (tests/test_fast_path.py)."""
+    """hardware.compile=true. First-order algorithms (fomaml, reptile, pretrain, `algorithm.first_order=true`):
+    `torch.compile` the model's task-grouped forward, which the fast path (algorithms/vectorized.py) runs for every
+    inner step and query of a meta-batch; the per-task loop, evaluation and ANIL's body/head split run uncompiled.
+    Second-order algorithms, which torch.compile cannot differentiate: compile batch norm's double backward
+    (norm_derivatives.compile_kernels), a kernel of the outer backward that is never differentiated itself; that
+    kernel runs on CPU only, in models with transductive batch norm. The first meta-batch of each shape pays the
+    compilation (seconds to about a minute on the development CPU). Float64 meta-gradients equal the uncompiled ones
+    to rounding (tests/test_fast_path.py, tests/test_norm_derivatives.py)."""
     if algorithm.needs_double_backward():
-        raise UserError(f"hardware.compile=true needs a first-order algorithm (fomaml, reptile, or "
-                        f"algorithm.first_order=true): algorithm={algorithm.name} differentiates through its inner "
-                        f"loop, and torch.compile cannot differentiate twice; use hardware.compile=false")
+        _compile_second_order(algorithm)
+        return
     model = algorithm.model
     if not hasattr(model, "grouped_forward"):
         raise UserError(f"hardware.compile=true compiles the task-grouped forward, which {type(model).__name__} "
@@ -130,3 +133,17 @@ def compile_fast_path(algorithm) -> None:
     # An instance attribute: the fast path looks grouped_forward up on the model at each call; state_dict (and so
     # checkpoints) are unchanged.
     model.grouped_forward = torch.compile(model.grouped_forward, dynamic=False)
+
+
+def _compile_second_order(algorithm) -> None:
+    model = algorithm.model
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise UserError(f"hardware.compile=true with a second-order algorithm (algorithm={algorithm.name}) compiles "
+                        f"batch norm's CPU double backward, which {device.type} does not run; use "
+                        f"hardware.compile=false")
+    if not has_transductive_batch_norm(model):
+        raise UserError(f"hardware.compile=true with a second-order algorithm (algorithm={algorithm.name}) compiles "
+                        f"transductive batch norm's double backward, which {type(model).__name__} does not have "
+                        f"(model.bn=transductive); use hardware.compile=false")
+    norm_derivatives.compile_kernels(True)

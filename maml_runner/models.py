@@ -73,6 +73,13 @@ class PerStepBatchNorm(nn.Module):
                             self.training, self.momentum, self.eps)
 
 
+def has_transductive_batch_norm(model: nn.Module) -> bool:
+    """Whether some batch norm of `model` normalises with the current batch's statistics (model.bn=transductive):
+    those run norm_derivatives' double backward in second-order steps."""
+    return any((isinstance(m, BatchNorm2d) and m.running_mean is None)
+               or (isinstance(m, PerStepBatchNorm) and not m.use_running_stats) for m in model.modules())
+
+
 def per_step_batch_norms(module: nn.Module, steps: int) -> list[PerStepBatchNorm]:
     """Replaces every BatchNorm2d in `module` by a PerStepBatchNorm with `steps` sets; returns them."""
     replaced = []

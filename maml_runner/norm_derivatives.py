@@ -83,41 +83,69 @@ class _BatchNormBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, ggx, ggw, ggb):
         gy, x, weight, mean, invstd, gw, gb = ctx.saved_tensors
-        m = x.numel() // x.shape[1]
+        needs = tuple(ctx.needs_input_grad[:3])
         if torch.is_grad_enabled():  # differentiated again (third order): every term as a function of x and gy
             var, mean = torch.var_mean(x, _DIMS, unbiased=False)
             invstd = torch.rsqrt(var + ctx.eps)
             xhat = (x - _per_channel(mean)) * _per_channel(invstd)
-            gw, gb = (gy * xhat).sum(_DIMS), gy.sum(_DIMS)
-        else:
-            xhat = (x - _per_channel(mean)).mul_(_per_channel(invstd))
-        w_rstd = invstd if weight is None else weight * invstd
-        a, bq = gb / m, gw / m  # mean(gy), mean(gy * xhat)
-        zero = torch.zeros_like(invstd)
+            return (*_double_backward(gy, xhat, weight, invstd, (gy * xhat).sum(_DIMS), gy.sum(_DIMS), ggx, ggw,
+                                      ggb, needs), None, None, None)
+        kernel = _compiled_kernel or _double_backward_from_x
+        return (*kernel(gy, x, weight, mean, invstd, gw, gb, ggx, ggw, ggb, needs), None, None, None)
+
+
+def _double_backward_from_x(gy, x, weight, mean, invstd, gw, gb, ggx, ggw, ggb, needs):
+    """`_double_backward` with xhat computed from x and the saved statistics (the kernel hardware.compile=true
+    compiles)."""
+    xhat = (x - _per_channel(mean)).mul_(_per_channel(invstd))
+    return _double_backward(gy, xhat, weight, invstd, gw, gb, ggx, ggw, ggb, needs)
+
+
+def _double_backward(gy, xhat, weight, invstd, gw, gb, ggx, ggw, ggb, needs):
+    """(d gy, d x, d weight) of <ggx, gx> + <ggw, gw> + <ggb, gb> (the module docstring's formula); None where
+    `needs` (gy, x, weight) is False or the term does not exist."""
+    m = xhat.numel() // xhat.shape[1]
+    w_rstd = invstd if weight is None else weight * invstd
+    a, bq = gb / m, gw / m  # mean(gy), mean(gy * xhat)
+    zero = torch.zeros_like(invstd)
+    if ggx is not None:
+        s1, s2, s3 = ggx.sum(_DIMS), (ggx * xhat).sum(_DIMS), (ggx * gy).sum(_DIMS)
+        big_g = s3 - a * s1 - bq * s2
+    else:
+        s1 = s2 = big_g = zero
+    ggw = zero if ggw is None else ggw
+    ggb = zero if ggb is None else ggb
+    # u = P(ggx) = ggx - s1 / m - xhat * s2 / m is expanded into each result, so it is never materialised.
+    d_gy = d_x = d_w = None
+    if needs[0]:  # w_rstd * u + ggw * xhat + ggb
+        d_gy = torch.addcmul(_per_channel(ggb - w_rstd * s1 / m), xhat, _per_channel(ggw - w_rstd * s2 / m))
         if ggx is not None:
-            s1, s2, s3 = ggx.sum(_DIMS), (ggx * xhat).sum(_DIMS), (ggx * gy).sum(_DIMS)
-            big_g = s3 - a * s1 - bq * s2
-        else:
-            s1 = s2 = big_g = zero
-        ggw = zero if ggw is None else ggw
-        ggb = zero if ggb is None else ggb
-        # u = P(ggx) = ggx - s1 / m - xhat * s2 / m is expanded into each result, so it is never materialised.
-        d_gy = d_x = d_w = None
-        if ctx.needs_input_grad[0]:  # w_rstd * u + ggw * xhat + ggb
-            d_gy = torch.addcmul(_per_channel(ggb - w_rstd * s1 / m), xhat, _per_channel(ggw - w_rstd * s2 / m))
-            if ggx is not None:
-                d_gy = torch.addcmul(d_gy, ggx, _per_channel(w_rstd))
-        if ctx.needs_input_grad[1]:  # c_gy * P(gy) + c_u * u - w_rstd * rstd * G / m * xhat
-            c_gy = invstd * (ggw - w_rstd * s2 / m)  # rstd * alpha
-            c_u = -w_rstd * invstd * bq
-            c_xhat = -c_gy * bq - w_rstd * invstd * big_g / m - c_u * s2 / m
-            d_x = torch.addcmul(_per_channel(-c_gy * a - c_u * s1 / m), gy, _per_channel(c_gy))
-            d_x = torch.addcmul(d_x, xhat, _per_channel(c_xhat))
-            if ggx is not None:
-                d_x = torch.addcmul(d_x, ggx, _per_channel(c_u))
-        if ctx.needs_input_grad[2]:
-            d_w = invstd * big_g
-        return d_gy, d_x, d_w, None, None, None
+            d_gy = torch.addcmul(d_gy, ggx, _per_channel(w_rstd))
+    if needs[1]:  # c_gy * P(gy) + c_u * u - w_rstd * rstd * G / m * xhat
+        c_gy = invstd * (ggw - w_rstd * s2 / m)  # rstd * alpha
+        c_u = -w_rstd * invstd * bq
+        c_xhat = -c_gy * bq - w_rstd * invstd * big_g / m - c_u * s2 / m
+        d_x = torch.addcmul(_per_channel(-c_gy * a - c_u * s1 / m), gy, _per_channel(c_gy))
+        d_x = torch.addcmul(d_x, xhat, _per_channel(c_xhat))
+        if ggx is not None:
+            d_x = torch.addcmul(d_x, ggx, _per_channel(c_u))
+    if needs[2]:
+        d_w = invstd * big_g
+    return d_gy, d_x, d_w
+
+
+# hardware.compile=true with a second-order algorithm on CPU: `_double_backward_from_x` under torch.compile (one
+# fused C++ loop nest per shape instead of some twelve memory-bound passes; see `compile_kernels`).
+_compiled_kernel = None
+
+
+def compile_kernels(enabled: bool = True) -> None:
+    """Run batch norm's double backward (outside third order) as a torch.compile'd kernel (`enabled`) or eagerly.
+    torch.compile cannot differentiate twice, but this kernel is never differentiated: it runs inside the outer
+    backward with gradients off. Shapes are compiled as they come (each layer's, each chunk's; the first
+    meta-batch pays a few seconds per shape, less from the on-disk cache)."""
+    global _compiled_kernel
+    _compiled_kernel = torch.compile(_double_backward_from_x, dynamic=False) if enabled else None
 
 
 def transductive_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

@@ -150,7 +150,7 @@ class HardwareConfig:
     threads: Optional[int] = required(OPTIONAL_POSITIVE_INT)
     deterministic: bool = required(BOOL)
     vectorize: str = required(one_of("auto", "on", "off"))
-    compile: bool = required(BOOL)  # torch.compile the fast path's forward (first-order algorithms: hardware.py)
+    compile: bool = required(BOOL)  # torch.compile the fast path's forward or BN's double backward (hardware.py)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from .data.base import EpisodeSource
 from .data.fast_episodes import cached_episodes
 from .errors import UserError
 from .evaluate import evaluate, evaluate_ensemble
+from . import norm_derivatives
 from .hardware import compile_fast_path, configure, peak_memory_mb, reset_peak_memory
 from .io import remove_stale_temporaries
 from .lifecycle import (NanPolicy, StopRequested, StopSignals, TimeBudget, TrainingState, best_validation,
@@ -266,6 +267,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Trainer:
                                 grad_clip=cfg.train.get("grad_clip"), train_source=sources["train"],
                                 vectorize=str(cfg.hardware.get("vectorize", "auto"))).to(device)
     algorithm.grad_clip_value = cfg.train.get("grad_clip_value")  # element-wise, after train.grad_clip's norm clip
+    norm_derivatives.compile_kernels(False)  # a run before this one, in this process, may have compiled them
     if cfg.hardware.get("compile", False):
         compile_fast_path(algorithm)
     return Trainer(cfg, run_dir, algorithm, sources, device)

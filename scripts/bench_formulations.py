@@ -9,8 +9,9 @@ Eight experiments, each alternating its variants so that load changes hit both a
 * `precision`: the runner's whole MAML/FOMAML train_step (real Omniglot, dataset preset hyperparameters) in float32
   vs under `torch.autocast(bfloat16)`, with the relative difference and cosine of the two meta-gradients of the
   first meta-batch (same weights, same tasks).
-* `compile`: the same step with the grouped forward eager vs `torch.compile`d (hardware.compile=true; first-order
-  algorithms). The warm-up, which includes the compilation, is printed apart.
+* `compile`: the same step eager vs with hardware.compile=true: first-order algorithms `torch.compile` the grouped
+  forward, second-order ones batch norm's double backward (norm_derivatives.compile_kernels). The warm-up, which
+  includes the compilation, is printed apart.
 * `batchnorm`: the same step with torch's native `batch_norm` (and its double backward) vs batch norm composed of
   mean / var / rsqrt, which autograd differentiates op by op (vectorized._CompositeBatchNorm, the vmap fallback's).
 * `convgrad`: the same step with torch's own derivative rules for the grouped convolutions vs the runner's
@@ -28,6 +29,7 @@ Eight experiments, each alternating its variants so that load changes hit both a
     .venv/bin/python scripts/bench_formulations.py conv
     .venv/bin/python scripts/bench_formulations.py precision --cases 20w1s:maml 20w1s:fomaml 5w1s:maml
     .venv/bin/python scripts/bench_formulations.py compile --cases 20w1s:fomaml 5w1s:fomaml 5w1s:reptile
+    .venv/bin/python scripts/bench_formulations.py compile --threads 2 --repeats 15 --cases 5w1s:maml 20w1s:maml
     .venv/bin/python scripts/bench_formulations.py batchnorm --cases 5w1s:maml 20w1s:maml
     .venv/bin/python scripts/bench_formulations.py convgrad --threads 2 --repeats 15
     .venv/bin/python scripts/bench_formulations.py bngrad --threads 2 --repeats 15
@@ -139,12 +141,14 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
         if experiment == "compile":
             compile_fast_path(meta)
             compiled, meta.model.grouped_forward = meta.model.grouped_forward, eager
+            compiled_kernel = norm_derivatives._compiled_kernel  # second order: the double-backward kernel
         gradients = {}
 
         def step(variant: bool, index: list) -> None:
             meta.load_state_dict(start)
             if experiment == "compile":
                 meta.model.grouped_forward = compiled if variant else eager
+                norm_derivatives._compiled_kernel = compiled_kernel if variant else None
             composite = _CompositeBatchNorm() if variant and experiment == "batchnorm" else contextlib.nullcontext()
             # convgrad: torch's own rules vs grouped_conv's on this device (also on CUDA, where the runner does not
             # use them yet); every other experiment runs with the runner's default.

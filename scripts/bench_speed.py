@@ -44,6 +44,7 @@ from maml_runner.algorithms import build_algorithm
 from maml_runner.algorithms.vectorized import use_vectorized
 from maml_runner.data.base import TaskBatch
 from maml_runner.data.fast_episodes import cached_episodes
+from maml_runner.hardware import compile_fast_path
 from maml_runner.data.omniglot import CharacterImages, OmniglotTasks, build_omniglot
 from maml_runner.data.sinusoid import SinusoidTasks
 from maml_runner.models import MLP, Conv4
@@ -221,6 +222,8 @@ def run_case(case, args, root, notes, device):
     peer = build_peer(case, args, device, args.peer_tasksets_cache)
     state = (*state, peer)
     algorithm = state[2]
+    if args.compile:
+        compile_fast_path(algorithm)
     names = path_names(state)
     times = {name: [] for name in names}
     first_difference, path, tasks = None, None, None
@@ -320,6 +323,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--vectorize", default="auto", choices=("auto", "on", "off"))
+    parser.add_argument("--compile", action="store_true",
+                        help="the runner's step with hardware.compile=true (first-order: the compiled grouped "
+                             "forward; second-order: batch norm's compiled double backward); warm-up compiles")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables per case")
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))
     parser.add_argument("--no-peer", action="store_true", help="leave out learn2learn's pipeline (the peer)")
@@ -338,7 +344,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(f"device {name} | torch {torch.__version__} | threads {torch.get_num_threads()} | load average {load:.2f}"
           f" | meta-batch {args.meta_batch}, 1 inner step, {args.iterations} timed iterations per path (median)"
-          f" | hardware.vectorize={args.vectorize} | peer: {'off' if args.no_peer else 'learn2learn pipeline'}",
+          f" | hardware.vectorize={args.vectorize}{' hardware.compile=true' if args.compile else ''} | peer: {'off' if args.no_peer else 'learn2learn pipeline'}",
           flush=True)
     notes: list = []
     ratios, states = {}, {}

@@ -139,9 +139,9 @@ BAD_VALUES = [
     ("hardware.threads=0", "hardware.threads=0 is invalid: expected a positive integer or null"),
     ("hardware.device=tpu", "hardware.device='tpu' is invalid: expected one of auto, cpu, cuda, cuda:<index>"),
     ("hardware.compile=maybe", "hardware.compile='maybe' is invalid: expected true or false"),
-    ("hardware.compile=true", "hardware.compile=true needs a first-order algorithm (fomaml, reptile, or "
-                              "algorithm.first_order=true): algorithm=maml differentiates through its inner loop, and "
-                              "torch.compile cannot differentiate twice; use hardware.compile=false"),
+    ("hardware.compile=true", "hardware.compile=true with a second-order algorithm (algorithm=maml) compiles "
+                              "transductive batch norm's double backward, which MLP does not have "
+                              "(model.bn=transductive); use hardware.compile=false"),
     ("train.resume=/nonexistent/run", "train.resume=/nonexistent/run: no checkpoint at '/nonexistent/run'; use "
                                       "train.resume=true or a run directory that has checkpoints/last.pt"),
 ]

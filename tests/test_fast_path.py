@@ -461,18 +461,31 @@ def test_compiled_fast_path_gives_the_uncompiled_meta_gradient(omniglot, cls):
     assert _relative(list(gradients[0].values()), list(gradients[1].values())) < 1e-10
 
 
-def test_compile_refuses_second_order_algorithms():
+def test_compile_with_second_order_algorithms_compiles_batch_norms_double_backward():
+    """Second-order algorithms cannot be compiled whole: hardware.compile=true compiles batch norm's double backward
+    instead (norm_derivatives.compile_kernels), and refuses models without transductive batch norm."""
     from maml_runner.errors import UserError
     from maml_runner.hardware import compile_fast_path
     cfg = OmegaConf.create({"name": "maml", "inner_lr": 0.1, "inner_steps": 1, "outer_lr": 0.001,
                             "first_order": False})
-    second_order = MAML(MLP(), cfg, "regression", 10)
-    with pytest.raises(UserError, match=r"^hardware.compile=true needs a first-order algorithm \(fomaml, reptile, "
-                                        r"or algorithm.first_order=true\): algorithm=maml differentiates"):
+    without_batch_norm = MAML(MLP(), cfg, "regression", 10)
+    with pytest.raises(UserError, match=r"^hardware.compile=true with a second-order algorithm \(algorithm=maml\) "
+                                        r"compiles transductive batch norm's double backward, which MLP does not "
+                                        r"have \(model.bn=transductive\); use hardware.compile=false$"):
+        compile_fast_path(without_batch_norm)
+    with pytest.raises(UserError, match="which Conv4 does not have"):
+        compile_fast_path(MAML(Conv4(3, bn="running"), cfg, "classification", 10))
+    assert norm_derivatives._compiled_kernel is None
+    try:
+        second_order = MAML(Conv4(3), cfg, "classification", 10)
         compile_fast_path(second_order)
+        assert norm_derivatives._compiled_kernel is not None
+        assert "grouped_forward" not in vars(second_order.model)  # the forward itself stays eager
+    finally:
+        norm_derivatives.compile_kernels(False)
     first_order = MAML(MLP(), OmegaConf.merge(cfg, {"first_order": True}), "regression", 10)
-    compile_fast_path(first_order)  # accepted: first_order=true never differentiates twice
-    assert not first_order.needs_double_backward() and second_order.needs_double_backward()
+    compile_fast_path(first_order)  # first_order=true never differentiates twice: its whole forward is compiled
+    assert "grouped_forward" in vars(first_order.model) and norm_derivatives._compiled_kernel is None
 
 
 # ---- grouped_conv's convolution derivatives in the per-task loops ---------------------------------------------------

@@ -134,3 +134,24 @@ def test_second_order_steps_of_the_fast_path_use_it(monkeypatch):
         losses, _ = vectorized.adapt_and_query_grouped(model, tasks, 0.1, 1, first_order, F.cross_entropy)
         losses.sum().backward()
         assert len(seen) == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape,gamma,beta,eps", [CASES[0], CASES[1]])
+def test_the_compiled_kernel_gives_the_eager_numbers(monkeypatch, shape, gamma, beta, eps):
+    """hardware.compile=true with a second-order algorithm (norm_derivatives.compile_kernels): the double backward
+    runs as a torch.compile'd kernel, with the eager numbers through an inner step (float64)."""
+    calls = []
+    x, w, b = _inputs(shape, gamma, beta, seed=5)
+    eager = _second_order_quantities(_ours(eps), x, w, b)
+    norm_derivatives.compile_kernels(True)
+    try:
+        compiled = norm_derivatives._compiled_kernel
+        monkeypatch.setattr(norm_derivatives, "_compiled_kernel", lambda *a: calls.append(1) or compiled(*a))
+        ours = _second_order_quantities(_ours(eps), x, w, b)
+    finally:
+        norm_derivatives.compile_kernels(False)
+    assert norm_derivatives._compiled_kernel is None
+    assert len(calls) == 1  # the inner step's batch norm, differentiated twice
+    for a, b_ in zip(eager, ours):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-10)
