@@ -123,6 +123,7 @@ def compile_fast_path(algorithm) -> None:
     kernel runs on CPU only, in models with transductive batch norm. The first meta-batch of each shape pays the
     compilation (seconds to about a minute on the development CPU). Float64 meta-gradients equal the uncompiled ones
     to rounding (tests/test_fast_path.py, tests/test_norm_derivatives.py)."""
+    _check_cpu_compiler(algorithm.model)
     if algorithm.needs_double_backward():
         _compile_second_order(algorithm)
         return
@@ -133,6 +134,21 @@ def compile_fast_path(algorithm) -> None:
     # An instance attribute: the fast path looks grouped_forward up on the model at each call; state_dict (and so
     # checkpoints) are unchanged.
     model.grouped_forward = torch.compile(model.grouped_forward, dynamic=False)
+
+
+def _check_cpu_compiler(model) -> None:
+    """On CPU torch.compile builds C++ kernels on first use: without a compiler that would fail mid-training."""
+    if next(model.parameters()).device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch layout: let torch.compile report it
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # torch's InvalidCxxCompiler
+        raise UserError(f"hardware.compile=true needs a C++ compiler on CPU ({str(exc).splitlines()[0]}; set CXX or "
+                        f"install g++); use hardware.compile=false") from None
 
 
 def _compile_second_order(algorithm) -> None:

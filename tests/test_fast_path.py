@@ -523,3 +523,19 @@ def test_per_task_loops_take_grouped_conv_in_second_order_steps_with_torchs_numb
     assert (sum(forwards) > 0) == (not first_order)  # 4 convolutions x 2 steps x 3 tasks when second order
     assert (len(norm_double_backwards) > 0) == (not first_order)
     assert _relative(torchs, ours) < 1e-10
+
+
+def test_compile_without_a_cpu_compiler_is_one_line_before_training(monkeypatch):
+    """torch.compile on CPU builds C++ on first use; without a compiler hardware.compile=true stops at once."""
+    from torch._inductor import config as inductor_config
+    from maml_runner.errors import UserError
+    from maml_runner.hardware import compile_fast_path
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-compiler++",))
+    cfg = OmegaConf.create({"name": "fomaml", "inner_lr": 0.1, "inner_steps": 1, "outer_lr": 0.001,
+                            "first_order": True})
+    algorithm = FOMAML(Conv4(3), cfg, "classification", 10)
+    with pytest.raises(UserError, match=r"^hardware.compile=true needs a C\+\+ compiler on CPU \(No working C\+\+ "
+                                        r"compiler found in .*no-such-compiler.*; set CXX or install g\+\+\); use "
+                                        r"hardware.compile=false$"):
+        compile_fast_path(algorithm)
+    assert "grouped_forward" not in vars(algorithm.model)
