@@ -155,3 +155,23 @@ def test_the_compiled_kernel_gives_the_eager_numbers(monkeypatch, shape, gamma, 
     assert len(calls) == 1  # the inner step's batch norm, differentiated twice
     for a, b_ in zip(eager, ours):
         torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_the_compiled_kernel_keeps_compiling_past_torchs_default_of_eight_shapes():
+    """A run compiles one graph per layer and chunk shape (more across the runs of a sweep in one process); past
+    torch.compile's default recompile limit (8) the kernel would silently fall back to eager."""
+    from torch._dynamo.utils import counters
+    norm_derivatives.compile_kernels(True)
+    try:
+        before = counters["stats"]["unique_graphs"]
+        for size in range(2, 12):  # ten shapes
+            x, gy, ggx = (torch.randn(2, 3, size, 2, dtype=torch.float64) for _ in range(3))
+            c = torch.rand(3, dtype=torch.float64) + 0.5
+            args = (gy, x, c, 0.1 * c, c, c, c, ggx, c, c, (True, True, True))
+            for compiled, eager in zip(norm_derivatives._compiled_kernel(*args),
+                                       norm_derivatives._double_backward_from_x(*args)):
+                torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-10)
+        assert counters["stats"]["unique_graphs"] - before == 10
+    finally:
+        norm_derivatives.compile_kernels(False)
