@@ -20,7 +20,9 @@ backward (`native_batch_norm`, `native_batch_norm_backward`), and a backward nob
 Same values up to float rounding (float64 tests against F.batch_norm's first, second and third derivatives). Used
 where grouped_conv's derivatives are (inside `second_order_step`, in eager mode) on the devices in
 EXPLICIT_BACKWARD_DEVICES, for float32/float64 inputs, and on every device where torch's own rule fails (no gamma,
-beta adapted); elsewhere F.batch_norm as it is.
+beta adapted); elsewhere F.batch_norm as it is. With hardware.compile=true (second-order algorithms) the double
+backward runs as a torch.compile'd kernel (`compile_kernels`): it is never differentiated itself, so torch.compile
+can fuse its passes.
 """
 from __future__ import annotations
 
