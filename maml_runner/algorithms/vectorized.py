@@ -35,12 +35,13 @@ from .inner_update import Rate, inner_update
 VECTORIZE_MODES = ("auto", "on", "off")
 
 # hardware.vectorize=auto on CPU: vectorized only while a task's pixels (support + query images x height x width) are
-# at most those of 40 Omniglot images. Measured (docs/benchmarks.md, 2-core CPU, meta-batch 32, 1 thread): 5w1s
-# (10 images/task) 1.4x (MAML) and 1.8x (FOMAML) faster train step; 20w1s (40) 0.8-1.2x, about even; 20w5s (200)
-# 0.4x: big grouped convolutions are slower than the per-task loop there. At 84x84 (miniImageNet) even 10 images
-# per task were 0.7-1.1x (FOMAML 0.68-0.84x), so pixels, not images, decide. Vectors (sinusoid) always: 7-14x. Other
-# devices (CUDA): always.
-CPU_MAX_IMAGES_PER_TASK = 40
+# at most those of 60 Omniglot images. Measured (docs/benchmarks.md, 2-core CPU, meta-batch 32), per-task loop /
+# fast path, with session 10-11's derivatives and chunks: 5w5s (50 images/task) 1.27-1.36x at 2 threads, 1.05x at
+# 1; 10w3s (60) 1.11-1.13x at 2 threads; 8w4s (64) 1.06-1.10x at 2 threads, 0.98-1.01x at 1; 20w5s (200)
+# 0.96-0.99x (a chunk then holds one task). 5w1s (10) and 20w1s (40) win clearly. At 84x84 (miniImageNet) even 10
+# images per task were 0.7-1.1x (FOMAML 0.68-0.84x), so pixels, not images, decide. Vectors (sinusoid) always:
+# 7-14x. Other devices (CUDA): always.
+CPU_MAX_IMAGES_PER_TASK = 60
 CPU_MAX_PIXELS_PER_TASK = CPU_MAX_IMAGES_PER_TASK * 28 * 28
 
 # On CPU the vectorized step runs the meta-batch in chunks of about this many images (support + query): the
