@@ -131,6 +131,7 @@ def compile_fast_path(algorithm) -> None:
     if not hasattr(model, "grouped_forward"):
         raise UserError(f"hardware.compile=true compiles the task-grouped forward, which {type(model).__name__} "
                         f"does not have; use hardware.compile=false")
+    norm_derivatives.raise_recompile_limit()
     # An instance attribute: the fast path looks grouped_forward up on the model at each call; state_dict (and so
     # checkpoints) are unchanged.
     model.grouped_forward = torch.compile(model.grouped_forward, dynamic=False)

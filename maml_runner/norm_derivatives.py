@@ -139,7 +139,14 @@ def _double_backward(gy, xhat, weight, invstd, gw, gb, ggx, ggw, ggb, needs):
 # hardware.compile=true with a second-order algorithm on CPU: `_double_backward_from_x` under torch.compile (one
 # fused C++ loop nest per shape instead of some twelve memory-bound passes; see `compile_kernels`).
 _compiled_kernel = None
-KERNEL_RECOMPILE_LIMIT = 64
+RECOMPILE_LIMIT = 64
+
+
+def raise_recompile_limit() -> None:
+    """hardware.compile=true compiles one graph per shape and dtype (here: 4 layers x chunk sizes per dataset; the
+    first-order forward: also per inner step), more across the runs of one process (sweeps) or float64 checks.
+    Past torch's default limit of 8 graphs per function, new shapes would silently run eagerly."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
 
 
 def compile_kernels(enabled: bool = True) -> None:
@@ -149,9 +156,7 @@ def compile_kernels(enabled: bool = True) -> None:
     meta-batch pays a few seconds per shape, less from the on-disk cache)."""
     global _compiled_kernel
     if enabled:
-        # One graph per shape and dtype: 4 layers x chunk sizes per dataset, more across the runs of one process
-        # (sweeps) or float64 checks. Past torch's default of 8, new shapes would silently run eagerly.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, KERNEL_RECOMPILE_LIMIT)
+        raise_recompile_limit()
     _compiled_kernel = torch.compile(_double_backward_from_x, dynamic=False) if enabled else None
 
 

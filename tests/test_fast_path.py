@@ -485,8 +485,11 @@ def test_compile_with_second_order_algorithms_compiles_batch_norms_double_backwa
     finally:
         norm_derivatives.compile_kernels(False)
     first_order = MAML(MLP(), OmegaConf.merge(cfg, {"first_order": True}), "regression", 10)
+    torch._dynamo.config.recompile_limit = 8  # torch's default
     compile_fast_path(first_order)  # first_order=true never differentiates twice: its whole forward is compiled
     assert "grouped_forward" in vars(first_order.model) and norm_derivatives._compiled_kernel is None
+    # one graph per shape and inner step: past torch's default of 8 the forward would silently run eagerly
+    assert torch._dynamo.config.recompile_limit == norm_derivatives.RECOMPILE_LIMIT
 
 
 # ---- grouped_conv's convolution derivatives in the per-task loops ---------------------------------------------------
@@ -526,17 +529,20 @@ def test_per_task_loops_take_grouped_conv_in_second_order_steps_with_torchs_numb
     assert _relative(torchs, ours) < 1e-10
 
 
-def test_compile_without_a_cpu_compiler_is_one_line_before_training(monkeypatch):
+def test_compile_without_a_cpu_compiler_is_one_line_before_training():
     """torch.compile on CPU builds C++ on first use; without a compiler hardware.compile=true stops at once."""
     from torch._inductor import config as inductor_config
     from maml_runner.errors import UserError
     from maml_runner.hardware import compile_fast_path
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-compiler++",))
     cfg = OmegaConf.create({"name": "fomaml", "inner_lr": 0.1, "inner_steps": 1, "outer_lr": 0.001,
                             "first_order": True})
     algorithm = FOMAML(Conv4(3), cfg, "classification", 10)
-    with pytest.raises(UserError, match=r"^hardware.compile=true needs a C\+\+ compiler on CPU \(No working C\+\+ "
-                                        r"compiler found in .*no-such-compiler.*; set CXX or install g\+\+\); use "
-                                        r"hardware.compile=false$"):
+    default = inductor_config.cpp.cxx
+    # inductor's own patch (pytest's monkeypatch deletes the key of torch's config module on undo)
+    with inductor_config.patch({"cpp.cxx": ("no-such-compiler++",)}), \
+            pytest.raises(UserError, match=r"^hardware.compile=true needs a C\+\+ compiler on CPU \(No working C\+\+ "
+                                           r"compiler found in .*no-such-compiler.*; set CXX or install g\+\+\); "
+                                           r"use hardware.compile=false$"):
         compile_fast_path(algorithm)
     assert "grouped_forward" not in vars(algorithm.model)
+    assert inductor_config.cpp.cxx == default
