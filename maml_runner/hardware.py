@@ -123,11 +123,12 @@ def compile_fast_path(algorithm) -> None:
     kernel runs on CPU only, in models with transductive batch norm. The first meta-batch of each shape pays the
     compilation (seconds to about a minute on the development CPU). Float64 meta-gradients equal the uncompiled ones
     to rounding (tests/test_fast_path.py, tests/test_norm_derivatives.py)."""
-    _check_cpu_compiler(algorithm.model)
-    if algorithm.needs_double_backward():
-        _compile_second_order(algorithm)
-        return
     model = algorithm.model
+    device = next(model.parameters()).device
+    _check_cpu_compiler(device)
+    if algorithm.needs_double_backward():
+        _compile_second_order(algorithm, device)
+        return
     if not hasattr(model, "grouped_forward"):
         raise UserError(f"hardware.compile=true compiles the task-grouped forward, which {type(model).__name__} "
                         f"does not have; use hardware.compile=false")
@@ -137,9 +138,9 @@ def compile_fast_path(algorithm) -> None:
     model.grouped_forward = torch.compile(model.grouped_forward, dynamic=False)
 
 
-def _check_cpu_compiler(model) -> None:
+def _check_cpu_compiler(device: torch.device) -> None:
     """On CPU torch.compile builds C++ kernels on first use: without a compiler that would fail mid-training."""
-    if next(model.parameters()).device.type != "cpu":
+    if device.type != "cpu":
         return
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
@@ -152,9 +153,8 @@ def _check_cpu_compiler(model) -> None:
                         f"install g++); use hardware.compile=false") from None
 
 
-def _compile_second_order(algorithm) -> None:
+def _compile_second_order(algorithm, device: torch.device) -> None:
     model = algorithm.model
-    device = next(model.parameters()).device
     if device.type != "cpu":
         raise UserError(f"hardware.compile=true with a second-order algorithm (algorithm={algorithm.name}) compiles "
                         f"batch norm's CPU double backward, which {device.type} does not run; use "

@@ -44,9 +44,9 @@ from maml_runner.algorithms import build_algorithm
 from maml_runner.algorithms.vectorized import use_vectorized
 from maml_runner.data.base import TaskBatch
 from maml_runner.data.fast_episodes import cached_episodes
-from maml_runner.hardware import compile_fast_path
 from maml_runner.data.omniglot import CharacterImages, OmniglotTasks, build_omniglot
 from maml_runner.data.sinusoid import SinusoidTasks
+from maml_runner.hardware import compile_fast_path
 from maml_runner.models import MLP, Conv4
 
 REPO = Path(__file__).resolve().parents[1]
@@ -346,7 +346,8 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(f"device {name} | torch {torch.__version__} | threads {torch.get_num_threads()} | load average {load:.2f}"
           f" | meta-batch {args.meta_batch}, 1 inner step, {args.iterations} timed iterations per path (median)"
-          f" | hardware.vectorize={args.vectorize}{' hardware.compile=true' if args.compile else ''} | peer: {'off' if args.no_peer else 'learn2learn pipeline'}",
+          f" | hardware.vectorize={args.vectorize}{' hardware.compile=true' if args.compile else ''}"
+          f" | peer: {'off' if args.no_peer else 'learn2learn pipeline'}",
           flush=True)
     notes: list = []
     ratios, states = {}, {}
