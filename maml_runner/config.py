@@ -245,9 +245,9 @@ REMOVED_KEYS = ("eval.meta_batch_size",)  # read by nothing (issue 15); checkpoi
 # what the code did before the key existed (conf/config.yaml's default): a checkpoint saved without them is compared
 # as if it had them, so resume and train.resume=true see no difference (a resumed 2026-11-25 Omniglot run would
 # otherwise warn "dataset.ink: None -> 1"). eval.ensemble_size is only read with eval.checkpoint=ensemble, which did
-# not exist before.
+# not exist before. hardware.tf32: false, what every run saved before it ran (on CPU, where TF32 does not exist).
 ADDED_KEYS = (("dataset.ink", ("omniglot",), 1), ("dataset.rotations_as_classes", ("omniglot",), False),
-              ("eval.ensemble_size", None, 5), ("hardware.compile", None, False))
+              ("eval.ensemble_size", None, 5), ("hardware.compile", None, False), ("hardware.tf32", None, False))
 
 
 def upgrade_saved(saved: dict) -> dict:

@@ -66,9 +66,16 @@ class _BatchNorm(torch.autograd.Function):
         x, weight, mean, invstd = ctx.saved_tensors
         if not torch.is_grad_enabled():  # nobody differentiates this backward: torch's fused kernel
             return (*torch.ops.aten.native_batch_norm_backward(
-                gy, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3])), None)
+                gy, x, _weight_or_ones(weight, mean), None, None, mean, invstd, True, ctx.eps,
+                list(ctx.needs_input_grad[:3])), None)
         gx, gw, gb = _BatchNormBackward.apply(gy, x, weight, mean, invstd, ctx.eps)
         return gx, gw if ctx.needs_input_grad[1] else None, gb if ctx.needs_input_grad[2] else None, None
+
+
+def _weight_or_ones(weight: torch.Tensor | None, mean: torch.Tensor) -> torch.Tensor:
+    """Gamma, or ones without it (model.bn_scale=false): CUDA's batch-norm backward fails on a missing weight
+    ("tensor does not have a device", torch 2.11 on an H200); gw = sum(gy * xhat) and gx do not change."""
+    return torch.ones_like(mean) if weight is None else weight
 
 
 class _BatchNormBackward(torch.autograd.Function):
@@ -76,8 +83,8 @@ class _BatchNormBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gy, x, weight, mean, invstd, eps: float):
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(gy, x, weight, None, None, mean, invstd, True, eps,
-                                                               [True, True, True])
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(gy, x, _weight_or_ones(weight, mean), None, None,
+                                                               mean, invstd, True, eps, [True, True, True])
         ctx.save_for_backward(gy, x, weight, mean, invstd, gw, gb)
         ctx.eps = eps
         return gx, gw, gb

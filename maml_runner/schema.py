@@ -151,6 +151,7 @@ class HardwareConfig:
     deterministic: bool = required(BOOL)
     vectorize: str = required(one_of("auto", "on", "off"))
     compile: bool = required(BOOL)  # torch.compile the fast path's forward or BN's double backward (hardware.py)
+    tf32: bool = required(BOOL)  # CUDA: TensorFloat-32 convolutions and matrix products (hardware.configure)
 
 
 @dataclass

@@ -139,6 +139,7 @@ BAD_VALUES = [
     ("hardware.threads=0", "hardware.threads=0 is invalid: expected a positive integer or null"),
     ("hardware.device=tpu", "hardware.device='tpu' is invalid: expected one of auto, cpu, cuda, cuda:<index>"),
     ("hardware.compile=maybe", "hardware.compile='maybe' is invalid: expected true or false"),
+    ("hardware.tf32=fast", "hardware.tf32='fast' is invalid: expected true or false"),
     ("hardware.compile=true", "hardware.compile=true with a second-order algorithm (algorithm=maml) compiles "
                               "transductive batch norm's double backward, which MLP does not have "
                               "(model.bn=transductive); use hardware.compile=false"),

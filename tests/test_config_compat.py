@@ -125,3 +125,15 @@ def test_an_omniglot_run_saved_before_the_ink_and_rotation_keys_resumes_without_
     del saved["dataset"]["ink"]
     asked = without_mode_keys(compose_config([*data, "train.iterations=9", "dataset.ink=0"]))  # as run() compares
     assert config_differences(saved, asked) == ["dataset.ink: 1 -> 0"]
+
+
+def test_a_checkpoint_saved_before_hardware_tf32_compares_as_full_float32():
+    """hardware.tf32 is new: every run saved before it ran on CPU (no TF32), so a saved config without the key is
+    compared as tf32=false: train.resume=true still finds those runs, and asking for TF32 is a real difference."""
+    from omegaconf import OmegaConf
+    cfg = without_mode_keys(compose_config(TINY))
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    del saved["hardware"]["tf32"]
+    assert config_differences(saved, cfg) == []
+    asked = without_mode_keys(compose_config([*TINY, "hardware.tf32=true"]))
+    assert config_differences(saved, asked) == ["hardware.tf32: False -> True"]

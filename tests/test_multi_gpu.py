@@ -1,4 +1,5 @@
-"""Local multi-GPU sweeps: job k gets cuda:(k mod visible devices), tested without a GPU (a faked device count)."""
+"""Local multi-GPU sweeps: job k gets cuda:(k mod visible devices), tested without a GPU (a faked device count);
+hardware.tf32."""
 from __future__ import annotations
 
 import pytest
@@ -60,3 +61,23 @@ def test_an_explicit_index_and_a_single_run_are_left_alone(fake_gpus, monkeypatc
 def test_without_hydra_there_is_no_job_number(monkeypatch):
     monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: False))
     assert hardware.sweep_job_number() is None
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_hardware_tf32_sets_torchs_tensorfloat32_switches_both_ways(tf32):
+    """hardware.tf32: torch's defaults (cuDNN convolutions in TF32) would silently change float32 meta-gradients on
+    Ampere and later (by 70 % relative on MAML 20w1s on an H200, docs/benchmarks.md); configure sets both switches
+    from the config, each way, whatever they were before."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not tf32
+        hardware.configure(OmegaConf.create(dict(device="cpu", threads=None, deterministic=False, vectorize="auto",
+                                        compile=False, tf32=tf32)), seed=0)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (tf32, tf32)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_the_default_config_keeps_float32_convolutions():
+    for preset in ("auto", "cpu", "cuda"):
+        assert compose_config([f"hardware={preset}"]).hardware.tf32 is False
