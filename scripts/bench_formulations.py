@@ -1,6 +1,6 @@
 """Candidate formulations of the fast path's step, measured side by side in one process (issue 17's 20-way work).
 
-Eight experiments, each alternating its variants so that load changes hit both alike; every ratio is baseline / variant
+Ten experiments, each alternating its variants so that load changes hit both alike; every ratio is baseline / variant
 (> 1: the variant is faster):
 
 * `conv`: one task-grouped convolution layer of the 20-way meta-batch (T=16 tasks, N=20 images, 64 filters), forward,
@@ -9,6 +9,11 @@ Eight experiments, each alternating its variants so that load changes hit both a
 * `precision`: the runner's whole MAML/FOMAML train_step (real Omniglot, dataset preset hyperparameters) in float32
   vs under `torch.autocast(bfloat16)`, with the relative difference and cosine of the two meta-gradients of the
   first meta-batch (same weights, same tasks).
+* `tf32`: the same step in full float32 (hardware.tf32=false, the default) vs with TensorFloat-32 convolutions and
+  matrix products allowed (hardware.tf32=true; CUDA on Ampere and later only: on CPU both variants are the same).
+* `cudagraph` (CUDA only): the MAML/FOMAML step eager vs its meta-gradient part (inner loop, query losses,
+  backward) captured once in a CUDA graph and replayed on each meta-batch copied into the graph's input buffers;
+  the accuracy, gradient norm and Adam step stay eager in both. Prepared on a machine without a GPU: never run yet.
 * `compile`: the same step eager vs with hardware.compile=true: first-order algorithms `torch.compile` the grouped
   forward, second-order ones batch norm's double backward (norm_derivatives.compile_kernels). The warm-up, which
   includes the compilation, is printed apart.
@@ -28,6 +33,8 @@ Eight experiments, each alternating its variants so that load changes hit both a
 
     .venv/bin/python scripts/bench_formulations.py conv
     .venv/bin/python scripts/bench_formulations.py precision --cases 20w1s:maml 20w1s:fomaml 5w1s:maml
+    .venv/bin/python scripts/bench_formulations.py tf32 --device cuda --cases 5w1s:maml 20w1s:maml 5w1s:fomaml
+    .venv/bin/python scripts/bench_formulations.py cudagraph --device cuda --cases 5w1s:maml 20w1s:maml 5w1s:fomaml
     .venv/bin/python scripts/bench_formulations.py compile --cases 20w1s:fomaml 5w1s:fomaml 5w1s:reptile
     .venv/bin/python scripts/bench_formulations.py compile --threads 2 --repeats 15 --cases 5w1s:maml 20w1s:maml
     .venv/bin/python scripts/bench_formulations.py batchnorm --cases 5w1s:maml 20w1s:maml
@@ -54,6 +61,8 @@ TASKS, IMAGES, FILTERS = 16, 20, 64
 # The setting:algorithm cases each experiment on the whole step runs unless --cases names others.
 DEFAULT_CASES = {
     "precision": ["20w1s:maml", "20w1s:fomaml", "5w1s:maml"],
+    "tf32": ["5w1s:maml", "20w1s:maml", "5w1s:fomaml"],
+    "cudagraph": ["5w1s:maml", "20w1s:maml", "5w1s:fomaml"],
     "compile": ["20w1s:fomaml", "5w1s:fomaml", "5w1s:reptile"],
     "batchnorm": ["5w1s:maml", "20w1s:maml"],
     "convgrad": ["5w1s:maml", "5w1s:fomaml", "20w1s:maml", "20w1s:fomaml", "5w1s:mamlpp", "5w1s:metasgd",
@@ -121,7 +130,7 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
 
     from maml_runner import grouped_conv, models, norm_derivatives
     from maml_runner.algorithms.vectorized import _CompositeBatchNorm
-    from maml_runner.hardware import compile_fast_path
+    from maml_runner.hardware import compile_fast_path, set_tf32
     from maml_runner.train import build
     default_layout = models.images_to_grouped  # each step sets the layout of its variant from this one
     default_devices = grouped_conv.EXPLICIT_BACKWARD_DEVICES
@@ -157,6 +166,8 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
             norm_derivatives.EXPLICIT_BACKWARD_DEVICES = ((device_type,) if variant else ()) \
                 if experiment == "bngrad" else default_norm_devices
             grouped_conv.SHARE_FIRST_STEP_FILTERS = variant or experiment != "firststep"
+            if experiment == "tf32":  # every other experiment keeps the config's hardware.tf32 (build set it)
+                set_tf32(variant)
             models.images_to_grouped = (lambda x: default_layout(x).contiguous(memory_format=torch.channels_last)) \
                 if variant and experiment == "channelslast" else default_layout
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=variant and experiment == "precision"), \
@@ -174,7 +185,7 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
         warm = time.perf_counter() - warm
         base, variant = median_pair(lambda: step(False, counters[0]), lambda: step(True, counters[1]), repeats)
         g_base, g_variant = gradients[False], gradients[True]
-        names = {"precision": ("float32", "bf16 autocast"), "compile": ("eager", "torch.compile"),
+        names = {"precision": ("float32", "bf16 autocast"), "tf32": ("float32", "TF32"), "compile": ("eager", "torch.compile"),
                  "batchnorm": ("native batch_norm", "composite batch norm"),
                  "convgrad": ("torch's conv derivatives", "grouped_conv's"),
                  "bngrad": ("torch's batch-norm double backward", "norm_derivatives'"),
@@ -185,9 +196,92 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
               f"{float(F.cosine_similarity(g_base, g_variant, 0)):.3f} | warm-up {warm:.0f} s", flush=True)
 
 
+def bench_cudagraph(cases: list[str], root: str, repeats: int, device: str) -> None:
+    """`cudagraph`: the vectorized MAML/FOMAML train_step eager vs with its meta-gradient part replayed from a CUDA
+    graph (the launch overhead a graph removes is what bounds a step on a GPU: docs/benchmarks.md, "GPU check").
+    The graph is captured after three warm-up runs on a side stream, as torch's whole-network capture example
+    does; the parameters' .grad tensors it writes are the ones the eager Adam step reads."""
+    if not (device.startswith("cuda") and torch.cuda.is_available()):
+        raise SystemExit(f"bench_formulations.py cudagraph: needs --device cuda and a CUDA device (got --device {device})")
+    from hydra import compose, initialize_config_dir
+
+    from maml_runner.algorithms.vectorized import adapt_and_query
+    from maml_runner.train import build
+    for case in cases:
+        setting, algorithm = case.split(":")
+        with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+            cfg = compose("config", [f"algorithm={algorithm}", f"dataset=omniglot_{setting}", f"dataset.root={root}",
+                                     f"hardware.device={device}"])
+        with tempfile.TemporaryDirectory() as run_dir:
+            trainer = build(cfg, Path(run_dir))
+        meta, source = trainer.algorithm, trainer.sources["train"]
+        start = copy.deepcopy(meta.state_dict())
+        tasks = [source.sample_batch(int(cfg.train.meta_batch_size)).to(trainer.device) for _ in range(repeats)]
+        if not (hasattr(meta, "maml") and meta.vectorized_for(tasks[0])):
+            print(f"{case}: skipped (cudagraph covers the vectorized MAML/FOMAML step only)", flush=True)
+            continue
+        first_order = meta.use_first_order(10)
+        static = type(tasks[0])(*(t.clone() for t in (tasks[0].support_x, tasks[0].support_y, tasks[0].query_x,
+                                                       tasks[0].query_y)))
+
+        def meta_gradients():
+            losses, predictions = adapt_and_query(meta.model, static, float(meta.maml.lr), int(meta.cfg.inner_steps),
+                                                  first_order, meta.loss_fn, adapted=meta.adapted)
+            (losses.sum() / len(static)).backward()
+            return losses.detach(), predictions.detach()
+
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    meta.optimizer.zero_grad(set_to_none=True)
+                    meta_gradients()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            meta.optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(graph):
+                graph_losses, graph_predictions = meta_gradients()
+            graph_gradients = [p.grad for p in meta.parameters()]  # the eager step replaces .grad: re-linked below
+        except Exception as exc:  # what a first GPU run must report: the op that cannot be captured
+            print(f"{case}: CAPTURE FAILED: {type(exc).__name__}: {str(exc).splitlines()[0]}", flush=True)
+            continue
+        gradients = {}
+
+        def eager(index: list) -> None:
+            meta.load_state_dict(start)
+            meta.train_step(tasks[index[0] % repeats], 10)
+            gradients.setdefault(False, torch.cat([p.grad.flatten() for p in meta.parameters() if p.grad is not None]))
+            torch.cuda.synchronize()
+            index[0] += 1
+
+        def replayed(index: list) -> None:
+            meta.load_state_dict(start)  # in place: the graph's parameter addresses stay
+            batch = tasks[index[0] % repeats]
+            for buffer, values in zip((static.support_x, static.support_y, static.query_x, static.query_y),
+                                      (batch.support_x, batch.support_y, batch.query_x, batch.query_y)):
+                buffer.copy_(values)
+            graph.replay()  # overwrites the .grad tensors captured with it: no zero_grad between replays
+            for parameter, gradient in zip(meta.parameters(), graph_gradients):
+                parameter.grad = gradient
+            gradients.setdefault(True, torch.cat([p.grad.flatten() for p in meta.parameters() if p.grad is not None]))
+            accuracy = meta.metric(graph_predictions.flatten(0, 1), static.query_y.flatten(0, 1))
+            meta.finish_step(graph_losses.mean().item(), accuracy, 10)
+            torch.cuda.synchronize()
+            index[0] += 1
+
+        counters = ([0], [0])
+        eager(counters[0]), replayed(counters[1])  # the first batch's meta-gradients, same weights and tasks
+        base, variant = median_pair(lambda: eager(counters[0]), lambda: replayed(counters[1]), repeats)
+        g_base, g_variant = gradients[False], gradients[True]
+        print(f"{case}: eager {base:.4f} s/iter | CUDA graph replay {variant:.4f} s/iter | RATIO {base / variant:.2f} | "
+              f"meta-gradient relative difference {float((g_base - g_variant).norm() / g_base.norm()):.1e}",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("experiment", choices=("conv", "precision", "compile", "batchnorm", "convgrad",
+    parser.add_argument("experiment", choices=("conv", "precision", "tf32", "cudagraph", "compile", "batchnorm", "convgrad",
                                                "bngrad", "firststep", "channelslast"))
     parser.add_argument("--cases", nargs="+", default=None, help="setting:algorithm (defaults: " + "; ".join(
         f"{name}: {' '.join(cases)}" for name, cases in DEFAULT_CASES.items()) + ")")
@@ -200,6 +294,8 @@ def main() -> None:
     torch.manual_seed(0)
     if args.experiment == "conv":
         bench_conv(args.repeats)
+    elif args.experiment == "cudagraph":
+        bench_cudagraph(args.cases or DEFAULT_CASES["cudagraph"], args.root, args.repeats, args.device)
     else:
         cases = args.cases or DEFAULT_CASES[args.experiment]
         bench_step(args.experiment, cases, args.root, args.repeats, args.device)

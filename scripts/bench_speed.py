@@ -46,7 +46,7 @@ from maml_runner.data.base import TaskBatch
 from maml_runner.data.fast_episodes import cached_episodes
 from maml_runner.data.omniglot import CharacterImages, OmniglotTasks, build_omniglot
 from maml_runner.data.sinusoid import SinusoidTasks
-from maml_runner.hardware import compile_fast_path
+from maml_runner.hardware import compile_fast_path, set_tf32
 from maml_runner.models import MLP, Conv4
 
 REPO = Path(__file__).resolve().parents[1]
@@ -328,6 +328,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="the runner's step with hardware.compile=true (first-order: the compiled grouped "
                              "forward; second-order: batch norm's compiled double backward); warm-up compiles")
+    parser.add_argument("--tf32", action="store_true",
+                        help="allow TensorFloat-32 on CUDA (hardware.tf32=true; default: full float32, the runner's)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables per case")
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))
     parser.add_argument("--no-peer", action="store_true", help="leave out learn2learn's pipeline (the peer)")
@@ -342,11 +344,13 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    set_tf32(args.tf32)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(f"device {name} | torch {torch.__version__} | threads {torch.get_num_threads()} | load average {load:.2f}"
           f" | meta-batch {args.meta_batch}, 1 inner step, {args.iterations} timed iterations per path (median)"
           f" | hardware.vectorize={args.vectorize}{' hardware.compile=true' if args.compile else ''}"
+          f"{' hardware.tf32=true' if args.tf32 else ''}"
           f" | peer: {'off' if args.no_peer else 'learn2learn pipeline'}",
           flush=True)
     notes: list = []

@@ -9,6 +9,10 @@
 #   bash scripts/gpu_check.sh                        # on the GPU machine, from the repository root
 #   bash scripts/gpu_check.sh --dry-run              # what would run (environment check only; any machine)
 #   bash scripts/gpu_check.sh --summary PATH --budget 480
+#   bash scripts/gpu_check.sh --stages cuda_tests,fixture,tf32   # only these stages (comma-separated names below)
+#
+# The GPU image lacks hydra, omegaconf, gym and learn2learn and has no package index: run scripts/gpu_wheels.sh here
+# first and carry .whl with the call (device tool: carry [".whl"]); the check installs them in a temporary folder.
 #
 # Python: .venv/bin/python when it has torch, hydra, omegaconf and learn2learn; else `make setup` is tried (it needs
 # a package index: fails fast offline); else the first python3 on PATH with those modules, run with PYTHONPATH=repo.
@@ -19,6 +23,7 @@ cd "$(dirname "$0")/.."
 REPO=$(pwd)
 
 BUDGET=450
+STAGES=""  # empty: every stage
 DRY_RUN=0
 OUT_DIR=${OUT:-$REPO/outputs/gpu_check}
 SUMMARY=""
@@ -28,7 +33,8 @@ while [ $# -gt 0 ]; do
     --budget) BUDGET=$2; shift ;;
     --summary) SUMMARY=$2; shift ;;
     --out) OUT_DIR=$2; shift ;;
-    *) echo "gpu_check.sh: unknown argument '$1' (allowed: --dry-run, --budget SECONDS, --summary PATH, --out DIR)" >&2
+    --stages) STAGES=",$2,"; shift ;;
+    *) echo "gpu_check.sh: unknown argument '$1' (allowed: --dry-run, --budget SECONDS, --summary PATH, --out DIR, --stages A,B)" >&2
        exit 2 ;;
   esac
   shift
@@ -46,6 +52,9 @@ remaining() { echo $((DEADLINE - $(date +%s))); }
 # reserve for the summary); its output goes to $OUT_DIR/<NAME>.log; one summary line with status and seconds.
 run_stage() {
   local name=$1 limit=$2; shift 2
+  if [ -n "$STAGES" ] && [[ "$STAGES" != *",$name,"* ]]; then
+    return 125
+  fi
   local left=$(( $(remaining) - 15 ))
   if [ "$left" -lt 20 ]; then
     say "- **$name**: SKIPPED (out of time: $(remaining) s left of $BUDGET)"
@@ -86,10 +95,24 @@ say "- GPU (nvidia-smi): $CARD"
 NEEDED="torch, hydra, omegaconf, learn2learn, torchvision"
 has_modules() { "$1" -c "import torch, hydra, omegaconf, learn2learn, torchvision" > /dev/null 2>&1; }
 PY=""
+# The lent GPU machine's image has torch but not hydra, omegaconf, gym or learn2learn, and no package index:
+# scripts/gpu_wheels.sh (run where pip works) prepares .whl/, carried with the call and installed here in a temp folder.
+if [ "$DRY_RUN" = 0 ] && [ -d .whl/l2l ] && ! { [ -x .venv/bin/python ] && has_modules .venv/bin/python; } \
+   && command -v python3 > /dev/null 2>&1 && ! has_modules "$(command -v python3)"; then
+  began=$(date +%s)
+  if python3 -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" .whl/*.whl > "$OUT_DIR/wheels.log" 2>&1 \
+     && (cd .whl/l2l && python3 setup.py build_ext --inplace -j 4) >> "$OUT_DIR/wheels.log" 2>&1; then
+    export PYTHONPATH="$WORK/site:$REPO/.whl/l2l${PYTHONPATH:+:$PYTHONPATH}"
+    WHEELS=" and the .whl/ modules"
+    say "- hydra, omegaconf, gym and learn2learn from .whl/ (scripts/gpu_wheels.sh): installed in $(( $(date +%s) - began )) s"
+  else
+    say "- installing .whl/ (scripts/gpu_wheels.sh) FAILED; see wheels.log"
+  fi
+fi
 if [ -x .venv/bin/python ] && has_modules .venv/bin/python; then
   PY=$REPO/.venv/bin/python
   ENV_NOTE=".venv"
-elif [ "$DRY_RUN" = 0 ] && [ "$(remaining)" -gt 200 ] \
+elif [ "$DRY_RUN" = 0 ] && [ "$(remaining)" -gt 200 ] && ! has_modules "$(command -v python3 || echo false)" \
      && PIP_RETRIES=0 PIP_DEFAULT_TIMEOUT=5 timeout 120 bash scripts/setup_env.sh > "$OUT_DIR/setup_env.log" 2>&1 \
      && has_modules .venv/bin/python; then
   PY=$REPO/.venv/bin/python
@@ -98,7 +121,7 @@ else
   for candidate in python3 python; do
     if command -v "$candidate" > /dev/null 2>&1 && has_modules "$(command -v "$candidate")"; then
       PY=$(command -v "$candidate")
-      ENV_NOTE="$candidate on PATH with PYTHONPATH=repo (no usable .venv; make setup failed or was skipped: see setup_env.log)"
+      ENV_NOTE="$candidate on PATH with PYTHONPATH=repo${WHEELS:-} (no usable .venv)"
       break
     fi
   done
@@ -127,9 +150,13 @@ fi
 say ""
 say "## Stages"
 
+# ratios NAME: the RATIO lines of a bench_formulations stage's log, when the stage ran
+ratios() { [ "$DRY_RUN" = 0 ] && [ -f "$OUT_DIR/$1.log" ] && grep -E 'RATIO' "$OUT_DIR/$1.log" | sed 's/^/  - /' | tee -a "$SUMMARY"; }
+
 # ---- 1. CUDA tests -----------------------------------------------------------------------------------------------
 run_stage cuda_tests 90 "$PY" -m pytest -q -k cuda tests/test_cuda.py tests/test_checkpoint.py tests/test_bad_input.py
-[ "$DRY_RUN" = 0 ] && say "  - $(grep -E '(passed|failed|skipped|error)' "$OUT_DIR/cuda_tests.log" | tail -1)"
+[ "$DRY_RUN" = 0 ] && [ -f "$OUT_DIR/cuda_tests.log" ] && \
+  say "  - $(grep -E '(passed|failed|skipped|error)' "$OUT_DIR/cuda_tests.log" | tail -1)"
 
 # ---- 2. Omniglot-shaped fixture ------------------------------------------------------------------------------------
 FIXTURE=$WORK/omniglot
@@ -160,17 +187,38 @@ for part, first, last in (("images_background", 1, 964), ("images_evaluation", 9
 print(f"fixture: {len(images)} images under {root}")
 PYTHON
 
-# ---- 3. bench_speed.py on CUDA (reference and peer columns) --------------------------------------------------------
+# ---- 3. full float32 (hardware.tf32=false, the default) vs TensorFloat-32: speed and meta-gradient difference --------
+run_stage tf32 60 "$PY" scripts/bench_formulations.py tf32 --device cuda --repeats 5 --root "$FIXTURE" \
+  --cases 5w1s:maml 20w1s:maml 5w1s:fomaml
+ratios tf32
+
+# ---- 3b. the meta-gradient part of the step replayed from a CUDA graph vs eager (never run before: may fail) -----
+run_stage cudagraph 60 "$PY" scripts/bench_formulations.py cudagraph --device cuda --repeats 5 --root "$FIXTURE" \
+  --cases 5w1s:maml 20w1s:maml 5w1s:fomaml
+[ "$DRY_RUN" = 0 ] && [ -f "$OUT_DIR/cudagraph.log" ] && grep -E 'RATIO|FAILED|skipped' "$OUT_DIR/cudagraph.log" \
+  | sed 's/^/  - /' | tee -a "$SUMMARY"
+
+# ---- 4. grouped_conv's convolution derivatives (used on CPU only) vs torch's on the GPU -------------------------
+run_stage convgrad_cuda 60 "$PY" scripts/bench_formulations.py convgrad --device cuda --repeats 5 \
+  --root "$FIXTURE" --cases 5w1s:maml 20w1s:maml
+ratios convgrad_cuda
+
+# ---- 5. norm_derivatives' batch-norm double backward (used on CPU only) vs torch's on the GPU -------------------
+run_stage bngrad_cuda 60 "$PY" scripts/bench_formulations.py bngrad --device cuda --repeats 5 \
+  --root "$FIXTURE" --cases 5w1s:maml 20w1s:maml
+ratios bngrad_cuda
+
+# ---- 6. bench_speed.py on CUDA (reference and peer columns) --------------------------------------------------------
 run_stage bench_speed 200 "$PY" scripts/bench_speed.py --device cuda --iterations 10 --root "$FIXTURE" \
   --peer-root "$WORK/peer" --cases maml_5w1s fomaml_5w1s maml_20w1s fomaml_20w1s maml_sinusoid
-if [ "$DRY_RUN" = 0 ]; then
+if [ "$DRY_RUN" = 0 ] && [ -f "$OUT_DIR/bench_speed.log" ]; then
   say ""
   say '```'
   grep -E '^(device|maml_|fomaml_|SPEEDUP|PEER_SPEEDUP|NOTE)' "$OUT_DIR/bench_speed.log" | tee -a "$SUMMARY"
   say '```'
 fi
 
-# ---- 4. timed 2,000-iteration 5w1s run -----------------------------------------------------------------------------
+# ---- 7. timed 2,000-iteration 5w1s run -----------------------------------------------------------------------------
 RUN_DIR=$WORK/maml_5w1s_2000  # checkpoints stay out of $OUT; the CSVs are copied there
 run_stage maml_run_5w1s_2000 140 "$PY" -m maml_runner.cli dataset=omniglot_5w1s model=conv4 \
   "dataset.root=$FIXTURE" hardware=cuda train.iterations=2000 report.enabled=false "hydra.run.dir=$RUN_DIR"
@@ -188,25 +236,15 @@ PYTHON
   say "  - $line"
 fi
 
-# ---- 5. bf16 autocast vs float32 on the whole step (docs/benchmarks.md "Kept and dropped"), if time is left -------
+# ---- 8. bf16 autocast vs float32 on the whole step (docs/benchmarks.md "Kept and dropped") --------------------
 run_stage bf16_autocast 60 "$PY" scripts/bench_formulations.py precision --device cuda --repeats 5 --root "$FIXTURE" \
   --cases 20w1s:maml 5w1s:maml
-[ "$DRY_RUN" = 0 ] && grep -E 'RATIO' "$OUT_DIR/bf16_autocast.log" | sed 's/^/  - /' | tee -a "$SUMMARY"
+ratios bf16_autocast
 
-# ---- 6. torch.compile of the grouped forward for first-order steps (hardware.compile), if time is left -----------
+# ---- 9. torch.compile of the grouped forward for first-order steps (hardware.compile) ------------------------
 run_stage compile_first_order 90 "$PY" scripts/bench_formulations.py compile --device cuda --repeats 5 \
   --root "$FIXTURE" --cases 20w1s:fomaml 5w1s:fomaml
-[ "$DRY_RUN" = 0 ] && grep -E 'RATIO' "$OUT_DIR/compile_first_order.log" | sed 's/^/  - /' | tee -a "$SUMMARY"
-
-# ---- 7. grouped_conv's convolution derivatives (CPU second-order steps) on the GPU, if time is left -------------
-run_stage convgrad_cuda 60 "$PY" scripts/bench_formulations.py convgrad --device cuda --repeats 5 \
-  --root "$FIXTURE" --cases 5w1s:maml 20w1s:maml
-[ "$DRY_RUN" = 0 ] && grep -E 'RATIO' "$OUT_DIR/convgrad_cuda.log" | sed 's/^/  - /' | tee -a "$SUMMARY"
-
-# ---- 8. norm_derivatives' batch-norm double backward (CPU second-order steps) on the GPU, if time is left --------
-run_stage bngrad_cuda 60 "$PY" scripts/bench_formulations.py bngrad --device cuda --repeats 5 \
-  --root "$FIXTURE" --cases 5w1s:maml 20w1s:maml
-[ "$DRY_RUN" = 0 ] && grep -E 'RATIO' "$OUT_DIR/bngrad_cuda.log" | sed 's/^/  - /' | tee -a "$SUMMARY"
+ratios compile_first_order
 
 say ""
 say "Total $(( $(date +%s) - START )) s of ${BUDGET} s. Logs beside this file. Data: generated fixture (not Omniglot)."

@@ -141,7 +141,20 @@ def test_gpu_check_refuses_unknown_arguments(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip() == ("gpu_check.sh: unknown argument '--fast' (allowed: --dry-run, --budget "
-                                     "SECONDS, --summary PATH, --out DIR)")
+                                     "SECONDS, --summary PATH, --out DIR, --stages A,B)")
+
+
+@pytest.mark.slow
+def test_gpu_check_stages_runs_only_the_named_stages(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env.pop("OUT", None)
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path),
+                             "--stages", "fixture,tf32"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    stages = [line.split("**")[1] for line in (tmp_path / "gpu_check.md").read_text().splitlines()
+              if line.startswith("- **")]
+    assert stages == ["fixture", "tf32"]
 
 
 # ---- bench_formulations.py -----------------------------------------------------------------------------------------
