@@ -119,6 +119,23 @@ def bench_conv(repeats: int) -> None:
               f"{1e3 * unfolded:.1f} ms | RATIO {grouped / unfolded:.2f}")
 
 
+def build_case(case: str, root: str, device: str, repeats: int):
+    """The runner's meta-learner for `setting:algorithm` (dataset preset hyperparameters, real Omniglot at `root`),
+    its starting state and `repeats` meta-batches on its device."""
+    from hydra import compose, initialize_config_dir
+
+    from maml_runner.train import build
+    setting, algorithm = case.split(":")
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = compose("config", [f"algorithm={algorithm}", f"dataset=omniglot_{setting}", f"dataset.root={root}",
+                                 f"hardware.device={device}"])
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = build(cfg, Path(run_dir))
+    source = trainer.sources["train"]
+    tasks = [source.sample_batch(int(cfg.train.meta_batch_size)).to(trainer.device) for _ in range(repeats)]
+    return trainer.algorithm, copy.deepcopy(trainer.algorithm.state_dict()), tasks
+
+
 def bench_step(experiment: str, cases: list[str], root: str, repeats: int, device: str) -> None:
     """The whole train_step, baseline vs variant: `precision` (float32 vs bf16 autocast), `compile` (the grouped
     forward eager vs torch.compile, hardware.compile; first-order algorithms only), `batchnorm` (native vs
@@ -126,26 +143,15 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
     `bngrad` (torch's batch-norm double backward vs norm_derivatives'), `firststep` (the step-0 support pass
     task-grouped vs at the shared filters) or `channelslast` (the task-grouped images in the default layout vs
     channels-last). Same weights, same tasks."""
-    from hydra import compose, initialize_config_dir
-
     from maml_runner import grouped_conv, models, norm_derivatives
     from maml_runner.algorithms.vectorized import _CompositeBatchNorm
     from maml_runner.hardware import compile_fast_path, set_tf32
-    from maml_runner.train import build
     default_layout = models.images_to_grouped  # each step sets the layout of its variant from this one
     default_devices = grouped_conv.EXPLICIT_BACKWARD_DEVICES
     default_norm_devices = norm_derivatives.EXPLICIT_BACKWARD_DEVICES
     for case in cases:
-        setting, algorithm = case.split(":")
-        with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-            cfg = compose("config", [f"algorithm={algorithm}", f"dataset=omniglot_{setting}", f"dataset.root={root}",
-                                     f"hardware.device={device}"])
-        with tempfile.TemporaryDirectory() as run_dir:
-            trainer = build(cfg, Path(run_dir))
-        meta, source = trainer.algorithm, trainer.sources["train"]
-        start = copy.deepcopy(meta.state_dict())
+        meta, start, tasks = build_case(case, root, device, repeats)
         device_type = "cuda" if device.startswith("cuda") else "cpu"
-        tasks = [source.sample_batch(int(cfg.train.meta_batch_size)).to(trainer.device) for _ in range(repeats)]
         eager = meta.model.grouped_forward
         if experiment == "compile":
             compile_fast_path(meta)
@@ -203,20 +209,9 @@ def bench_cudagraph(cases: list[str], root: str, repeats: int, device: str) -> N
     does; the parameters' .grad tensors it writes are the ones the eager Adam step reads."""
     if not (device.startswith("cuda") and torch.cuda.is_available()):
         raise SystemExit(f"bench_formulations.py cudagraph: needs --device cuda and a CUDA device (got --device {device})")
-    from hydra import compose, initialize_config_dir
-
     from maml_runner.algorithms.vectorized import adapt_and_query
-    from maml_runner.train import build
     for case in cases:
-        setting, algorithm = case.split(":")
-        with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-            cfg = compose("config", [f"algorithm={algorithm}", f"dataset=omniglot_{setting}", f"dataset.root={root}",
-                                     f"hardware.device={device}"])
-        with tempfile.TemporaryDirectory() as run_dir:
-            trainer = build(cfg, Path(run_dir))
-        meta, source = trainer.algorithm, trainer.sources["train"]
-        start = copy.deepcopy(meta.state_dict())
-        tasks = [source.sample_batch(int(cfg.train.meta_batch_size)).to(trainer.device) for _ in range(repeats)]
+        meta, start, tasks = build_case(case, root, device, repeats)
         if not (hasattr(meta, "maml") and meta.vectorized_for(tasks[0])):
             print(f"{case}: skipped (cudagraph covers the vectorized MAML/FOMAML step only)", flush=True)
             continue
