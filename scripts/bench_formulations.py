@@ -137,12 +137,12 @@ def build_case(case: str, root: str, device: str, repeats: int):
 
 
 def bench_step(experiment: str, cases: list[str], root: str, repeats: int, device: str) -> None:
-    """The whole train_step, baseline vs variant: `precision` (float32 vs bf16 autocast), `compile` (the grouped
-    forward eager vs torch.compile, hardware.compile; first-order algorithms only), `batchnorm` (native vs
-    composite batch norm), `convgrad` (torch's derivative rules for the grouped convolutions vs grouped_conv's),
-    `bngrad` (torch's batch-norm double backward vs norm_derivatives'), `firststep` (the step-0 support pass
-    task-grouped vs at the shared filters) or `channelslast` (the task-grouped images in the default layout vs
-    channels-last). Same weights, same tasks."""
+    """The whole train_step, baseline vs variant: `precision` (float32 vs bf16 autocast), `tf32` (full float32 vs
+    TensorFloat-32), `compile` (eager vs hardware.compile: the grouped forward, or for second-order algorithms batch
+    norm's double backward, under torch.compile), `batchnorm` (native vs composite batch norm), `convgrad` (torch's
+    derivative rules for the grouped convolutions vs grouped_conv's), `bngrad` (torch's batch-norm double backward
+    vs norm_derivatives'), `firststep` (the step-0 support pass task-grouped vs at the shared filters) or
+    `channelslast` (the task-grouped images in the default layout vs channels-last). Same weights, same tasks."""
     from maml_runner import grouped_conv, models, norm_derivatives
     from maml_runner.algorithms.vectorized import _CompositeBatchNorm
     from maml_runner.hardware import compile_fast_path, set_tf32
@@ -191,7 +191,8 @@ def bench_step(experiment: str, cases: list[str], root: str, repeats: int, devic
         warm = time.perf_counter() - warm
         base, variant = median_pair(lambda: step(False, counters[0]), lambda: step(True, counters[1]), repeats)
         g_base, g_variant = gradients[False], gradients[True]
-        names = {"precision": ("float32", "bf16 autocast"), "tf32": ("float32", "TF32"), "compile": ("eager", "torch.compile"),
+        names = {"precision": ("float32", "bf16 autocast"), "tf32": ("float32", "TF32"),
+                 "compile": ("eager", "torch.compile"),
                  "batchnorm": ("native batch_norm", "composite batch norm"),
                  "convgrad": ("torch's conv derivatives", "grouped_conv's"),
                  "bngrad": ("torch's batch-norm double backward", "norm_derivatives'"),
@@ -208,16 +209,18 @@ def bench_cudagraph(cases: list[str], root: str, repeats: int, device: str) -> N
     The graph is captured after three warm-up runs on a side stream, as torch's whole-network capture example
     does; the parameters' .grad tensors it writes are the ones the eager Adam step reads."""
     if not (device.startswith("cuda") and torch.cuda.is_available()):
-        raise SystemExit(f"bench_formulations.py cudagraph: needs --device cuda and a CUDA device (got --device {device})")
+        raise SystemExit(f"bench_formulations.py cudagraph: needs --device cuda and a CUDA device "
+                         f"(got --device {device})")
     from maml_runner.algorithms.vectorized import adapt_and_query
+    from maml_runner.data.base import TaskBatch
+    task_fields = lambda b: (b.support_x, b.support_y, b.query_x, b.query_y)  # noqa: E731
     for case in cases:
         meta, start, tasks = build_case(case, root, device, repeats)
         if not (hasattr(meta, "maml") and meta.vectorized_for(tasks[0])):
             print(f"{case}: skipped (cudagraph covers the vectorized MAML/FOMAML step only)", flush=True)
             continue
         first_order = meta.use_first_order(10)
-        static = type(tasks[0])(*(t.clone() for t in (tasks[0].support_x, tasks[0].support_y, tasks[0].query_x,
-                                                       tasks[0].query_y)))
+        static = TaskBatch(*(t.clone() for t in task_fields(tasks[0])))  # the graph's input buffers
 
         def meta_gradients():
             losses, predictions = adapt_and_query(meta.model, static, float(meta.maml.lr), int(meta.cfg.inner_steps),
@@ -253,8 +256,7 @@ def bench_cudagraph(cases: list[str], root: str, repeats: int, device: str) -> N
         def replayed(index: list) -> None:
             meta.load_state_dict(start)  # in place: the graph's parameter addresses stay
             batch = tasks[index[0] % repeats]
-            for buffer, values in zip((static.support_x, static.support_y, static.query_x, static.query_y),
-                                      (batch.support_x, batch.support_y, batch.query_x, batch.query_y)):
+            for buffer, values in zip(task_fields(static), task_fields(batch)):
                 buffer.copy_(values)
             graph.replay()  # overwrites the .grad tensors captured with it: no zero_grad between replays
             for parameter, gradient in zip(meta.parameters(), graph_gradients):
@@ -269,15 +271,15 @@ def bench_cudagraph(cases: list[str], root: str, repeats: int, device: str) -> N
         eager(counters[0]), replayed(counters[1])  # the first batch's meta-gradients, same weights and tasks
         base, variant = median_pair(lambda: eager(counters[0]), lambda: replayed(counters[1]), repeats)
         g_base, g_variant = gradients[False], gradients[True]
-        print(f"{case}: eager {base:.4f} s/iter | CUDA graph replay {variant:.4f} s/iter | RATIO {base / variant:.2f} | "
-              f"meta-gradient relative difference {float((g_base - g_variant).norm() / g_base.norm()):.1e}",
+        print(f"{case}: eager {base:.4f} s/iter | CUDA graph replay {variant:.4f} s/iter | RATIO {base / variant:.2f}"
+              f" | meta-gradient relative difference {float((g_base - g_variant).norm() / g_base.norm()):.1e}",
               flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("experiment", choices=("conv", "precision", "tf32", "cudagraph", "compile", "batchnorm", "convgrad",
-                                               "bngrad", "firststep", "channelslast"))
+    parser.add_argument("experiment", choices=("conv", "precision", "tf32", "cudagraph", "compile", "batchnorm",
+                                               "convgrad", "bngrad", "firststep", "channelslast"))
     parser.add_argument("--cases", nargs="+", default=None, help="setting:algorithm (defaults: " + "; ".join(
         f"{name}: {' '.join(cases)}" for name, cases in DEFAULT_CASES.items()) + ")")
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))

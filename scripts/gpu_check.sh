@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One short GPU check (<= 8 minutes on one GPU, whole script): the CUDA tests, scripts/bench_speed.py --device cuda
-# (reference and peer columns, Omniglot-shaped generated data), a timed 2,000-iteration 5w1s `maml-run` on CUDA and,
-# if time is left, bf16 autocast vs float32, torch.compile of first-order steps, and grouped_conv's convolution and
-# norm_derivatives' batch-norm derivatives vs torch's (scripts/bench_formulations.py).
+# One short GPU check (<= 8 minutes on one GPU, whole script): the CUDA tests; side-by-side checks of the whole step
+# (scripts/bench_formulations.py: float32 vs TF32, a CUDA-graph replay, grouped_conv's and norm_derivatives'
+# derivatives vs torch's); scripts/bench_speed.py --device cuda (reference and peer columns, Omniglot-shaped generated
+# data); a timed 2,000-iteration 5w1s `maml-run` on CUDA; and, if time is left, bf16 autocast vs float32 and
+# torch.compile of first-order steps.
 # Writes a markdown summary (default $OUT/gpu_check.md, else outputs/gpu_check/gpu_check.md) as it goes, so a run cut
 # short still says what it did. Each stage has its own time limit and never runs past the overall deadline.
 #
@@ -14,8 +15,9 @@
 # The GPU image lacks hydra, omegaconf, gym and learn2learn and has no package index: run scripts/gpu_wheels.sh here
 # first and carry .whl with the call (device tool: carry [".whl"]); the check installs them in a temporary folder.
 #
-# Python: .venv/bin/python when it has torch, hydra, omegaconf and learn2learn; else `make setup` is tried (it needs
-# a package index: fails fast offline); else the first python3 on PATH with those modules, run with PYTHONPATH=repo.
+# Python: .venv/bin/python when it has torch, hydra, omegaconf and learn2learn; else python3 with .whl/ installed;
+# else `make setup` is tried (it needs a package index: fails fast offline); else the first python3 on PATH with those
+# modules, run with PYTHONPATH=repo.
 # Data: the shared Omniglot is not on a GPU machine, so a generated fixture in the original layout (1,623 characters
 # x 20 drawings, tests/omniglot_fixture.py's bar patterns) stands in: timings are representative, accuracies are not.
 set -uo pipefail
@@ -34,7 +36,8 @@ while [ $# -gt 0 ]; do
     --summary) SUMMARY=$2; shift ;;
     --out) OUT_DIR=$2; shift ;;
     --stages) STAGES=",$2,"; shift ;;
-    *) echo "gpu_check.sh: unknown argument '$1' (allowed: --dry-run, --budget SECONDS, --summary PATH, --out DIR, --stages A,B)" >&2
+    *) echo "gpu_check.sh: unknown argument '$1' (allowed: --dry-run, --budget SECONDS, --summary PATH, --out DIR," \
+            "--stages A,B)" >&2
        exit 2 ;;
   esac
   shift
@@ -96,11 +99,12 @@ NEEDED="torch, hydra, omegaconf, learn2learn, torchvision"
 has_modules() { "$1" -c "import torch, hydra, omegaconf, learn2learn, torchvision" > /dev/null 2>&1; }
 PY=""
 # The lent GPU machine's image has torch but not hydra, omegaconf, gym or learn2learn, and no package index:
-# scripts/gpu_wheels.sh (run where pip works) prepares .whl/, carried with the call and installed here in a temp folder.
+# scripts/gpu_wheels.sh (run where pip works) prepares .whl/, carried with the call and installed in a temp folder.
 if [ "$DRY_RUN" = 0 ] && [ -d .whl/l2l ] && ! { [ -x .venv/bin/python ] && has_modules .venv/bin/python; } \
    && command -v python3 > /dev/null 2>&1 && ! has_modules "$(command -v python3)"; then
   began=$(date +%s)
-  if python3 -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" .whl/*.whl > "$OUT_DIR/wheels.log" 2>&1 \
+  if python3 -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" .whl/*.whl \
+       > "$OUT_DIR/wheels.log" 2>&1 \
      && (cd .whl/l2l && python3 setup.py build_ext --inplace -j 4) >> "$OUT_DIR/wheels.log" 2>&1; then
     export PYTHONPATH="$WORK/site:$REPO/.whl/l2l${PYTHONPATH:+:$PYTHONPATH}"
     WHEELS=" and the .whl/ modules"
@@ -150,8 +154,11 @@ fi
 say ""
 say "## Stages"
 
-# ratios NAME: the RATIO lines of a bench_formulations stage's log, when the stage ran
-ratios() { [ "$DRY_RUN" = 0 ] && [ -f "$OUT_DIR/$1.log" ] && grep -E 'RATIO' "$OUT_DIR/$1.log" | sed 's/^/  - /' | tee -a "$SUMMARY"; }
+# ratios NAME [PATTERN]: the lines of a bench_formulations stage's log matching PATTERN (RATIO), when the stage ran
+ratios() {
+  [ "$DRY_RUN" = 0 ] && [ -f "$OUT_DIR/$1.log" ] && grep -E "${2:-RATIO}" "$OUT_DIR/$1.log" | sed 's/^/  - /' \
+    | tee -a "$SUMMARY"
+}
 
 # ---- 1. CUDA tests -----------------------------------------------------------------------------------------------
 run_stage cuda_tests 90 "$PY" -m pytest -q -k cuda tests/test_cuda.py tests/test_checkpoint.py tests/test_bad_input.py
@@ -195,8 +202,7 @@ ratios tf32
 # ---- 3b. the meta-gradient part of the step replayed from a CUDA graph vs eager (never run before: may fail) -----
 run_stage cudagraph 60 "$PY" scripts/bench_formulations.py cudagraph --device cuda --repeats 5 --root "$FIXTURE" \
   --cases 5w1s:maml 20w1s:maml 5w1s:fomaml
-[ "$DRY_RUN" = 0 ] && [ -f "$OUT_DIR/cudagraph.log" ] && grep -E 'RATIO|FAILED|skipped' "$OUT_DIR/cudagraph.log" \
-  | sed 's/^/  - /' | tee -a "$SUMMARY"
+ratios cudagraph 'RATIO|FAILED|skipped'
 
 # ---- 4. grouped_conv's convolution derivatives (used on CPU only) vs torch's on the GPU -------------------------
 run_stage convgrad_cuda 60 "$PY" scripts/bench_formulations.py convgrad --device cuda --repeats 5 \
